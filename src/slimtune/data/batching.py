@@ -1,0 +1,100 @@
+"""Batches that waste little on padding: length grouping, packing, collate.
+
+A padded batch (group_by_length keeps rows of a batch close in length):
+
+    input_ids      [[ 1, 882, 198, 9, 2, 1, 520, 198, 17, 2 ],
+                    [ 1, 882, 198, 5, 2, 1, 520, 198, 33, 2 ]]   (B, T), right-padded with pad_id
+    labels         [[-100,-100,-100,-100,-100,-100,-100,-100, 17, 2 ], ...]   -100: not trained, padding
+    attention_mask [[1, 1, ...]]
+
+A packed row holds several examples; position_ids restart at 0 for each, and no attention mask is
+passed, so transformers builds a block-diagonal causal mask from the position_ids (no token
+attends across examples). The first label of each packed example is -100: it would otherwise be
+the target of the previous example's last token.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .render import IGNORE
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: bool = True,
+                           mega: int = 32) -> list[list[int]]:
+    """Index batches for one epoch: shuffled; with `group`, sorted by length inside chunks of
+    `mega` batches (so each batch has similar lengths), then the batch order shuffled again."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if group:
+        size = batch_size * mega
+        idx = [i for s in range(0, len(idx), size)
+               for i in sorted(idx[s:s + size], key=lambda i: -lengths[i])]
+    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    if group:
+        rng.shuffle(batches)
+    return batches
+
+
+def pack(examples: list[dict], max_length: int, seed: int = 0) -> list[dict]:
+    """First-fit-decreasing packing of shuffled examples into rows of at most max_length tokens.
+
+    Each row: {input_ids, labels, position_ids, n_examples}.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        for r, free in enumerate(space):
+            if free >= n:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(max_length - n)
+    packed = []
+    for members in rows:
+        ids, labels, pos = [], [], []
+        for i in members:
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += [IGNORE] + ex["labels"][1:]
+            pos += list(range(len(ex["input_ids"])))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": pos, "n_examples": len(members)})
+    random.Random(seed + 1).shuffle(packed)
+    return packed
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest. Packed rows get position_ids and no attention mask."""
+    T = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    packed = "position_ids" in rows[0]
+    extra = torch.zeros((B, T), dtype=torch.long)  # attention mask, or position ids when packed
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        if packed:
+            extra[b, :n] = torch.tensor(r["position_ids"])
+            extra[b, n:] = torch.arange(T - n)  # padding is its own 'example', never trained
+        else:
+            extra[b, :n] = 1
+    key = "position_ids" if packed else "attention_mask"
+    if not packed and bool(extra.all()):
+        return {"input_ids": input_ids, "labels": labels}  # no padding: no mask needed
+    return {"input_ids": input_ids, "labels": labels, key: extra}
+
+
+def count_trained(rows: list[dict]) -> int:
+    """Trained target tokens of these rows (label at position t >= 1, i.e. after the shift)."""
+    return sum(sum(lab != IGNORE for lab in r["labels"][1:]) for r in rows)

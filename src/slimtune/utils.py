@@ -1,0 +1,81 @@
+"""Small shared helpers: atomic writes (nothing is ever left half-written), seeding, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def atomic_dir(final: str | Path):
+    """Context manager: yields a temporary folder beside `final`, renamed onto it on success.
+
+    A crash mid-write leaves only a `.tmp-*` folder that is ignored and cleaned next time.
+    """
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _cm():
+        final_p = Path(final)
+        final_p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final_p.parent, prefix=f".tmp-{final_p.name}-"))
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final_p.exists():
+                old = final_p.with_name(f".old-{final_p.name}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final_p, old)
+                os.replace(tmp, final_p)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final_p)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _cm()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:  # numpy is optional at run time
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random models and tokenizers (tests/tiny.py), never the network."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import FAMILIES, make_model, make_tokenizer, save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=["chatml", "llama3", "default_system", "chatml_gen"])
+def family_tokenizer(request):
+    """Each chat-template family in turn (see tiny.py)."""
+    return make_tokenizer(request.param)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer("chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama + ChatML tokenizer folder, loadable by path."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", "chatml")
