@@ -1,0 +1,106 @@
+"""Resumable checkpoints, written atomically, in safetensors + JSON (no pickles).
+
+    RUN/checkpoints/step-000040/
+        trainable.safetensors   trained parameters by name
+        optimizer.safetensors   optimizer state tensors ("<param index>.<key>")
+        rng.safetensors         torch RNG state
+        state.json              optimizer non-tensor state and groups, scheduler, loop position,
+                                early-stop counters, python RNG
+    RUN/checkpoints/latest      name of the newest complete checkpoint
+
+A checkpoint folder is renamed into place only when complete, and `latest` is replaced
+atomically after it, so a run killed at any moment resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .utils import atomic_dir, atomic_write_text
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, rest = {}, {}
+    for idx, st in sd["state"].items():
+        rest[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().clone().contiguous()
+            else:
+                rest[str(idx)][k] = v
+    return tensors, {"state": rest, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, loop_state: dict,
+                    keep: int = 1) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    trainable = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    with atomic_dir(final) as tmp:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        meta = {"step": step, "loop": loop_state, "optimizer": opt_meta,
+                "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+        (tmp / "state.json").write_text(json.dumps(meta, default=_jsonable))
+    atomic_write_text(root / "latest", final.name)
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for junk in root.glob(".tmp-*"):  # left by a run killed mid-write
+        shutil.rmtree(junk, ignore_errors=True)
+    return final
+
+
+def _jsonable(o):
+    if isinstance(o, tuple):
+        return list(o)
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"cannot save {type(o).__name__} in a checkpoint")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / "state.json").exists():
+            return path
+    done = [p for p in sorted(root.glob("step-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore trained parameters, optimizer, scheduler and RNG; returns the loop state."""
+    path = Path(path)
+    trained = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in trained if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match this model (e.g. {missing[0]}); "
+                           "was the method or model changed? Start a new output_dir instead")
+    with torch.no_grad():
+        for n, t in trained.items():
+            params[n].copy_(t)
+    meta = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    v, internal, gauss = meta["python_rng"]
+    random.setstate((v, tuple(internal), gauss))
+    return meta["loop"]

@@ -1,0 +1,152 @@
+"""Our method config -> a PEFT model (or a fully trainable one); targets; trainable-parameter report.
+
+PEFT does the methods; this module only chooses modules and settings:
+- lora / rslora / dora / qlora -> LoraConfig (use_rslora: alpha / sqrt(r) scaling; use_dora:
+  magnitude-direction split, DoRA section 4.3; qlora: the same on a 4-bit base)
+- ia3 -> IA3Config (keys, values and the MLP down projection as feed-forward)
+- prompt_tuning -> PromptTuningConfig (soft prompt, optionally initialised from a text)
+- prefix_tuning -> PrefixTuningConfig
+- full -> every parameter trained, no PEFT
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from .config import MethodCfg
+from .errors import ConfigError
+
+ATTN_WORDS = ("attn", "attention")
+MLP_WORDS = ("mlp", "feed_forward", "ffn")
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
+FF_NAMES = {"down_proj", "fc2", "w2"}  # feed-forward output layers (IA3 scales their input)
+
+
+def parse_layers(spec) -> list[int] | None:
+    """'10-20' (inclusive), '1,3,5', [0, 1] or None -> a sorted list of layer indices."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, list):
+        return sorted(int(x) for x in spec)
+    out = set()
+    for part in str(spec).split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.strip().isdigit() or (b and not b.strip().isdigit()):
+            raise ConfigError(f"method.layers={spec!r}: use a range like '10-20' or a list like [0, 1, 2]")
+        out.update(range(int(a), int(b or a) + 1))
+    return sorted(out)
+
+
+def linear_names(model: nn.Module) -> dict[str, set[str]]:
+    """Leaf names of the Linear layers inside the decoder blocks, grouped as attn / mlp / other."""
+    groups = {"attn": set(), "mlp": set(), "other": set()}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or ".layers." not in f".{name}" and ".h." not in f".{name}":
+            continue
+        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        kind = "attn" if any(w in parent for w in ATTN_WORDS) else "mlp" if any(w in parent for w in MLP_WORDS) else "other"
+        groups[kind].add(leaf)
+    return groups
+
+
+def target_modules(model: nn.Module, targets) -> list[str]:
+    """Module names for PEFT from attn / attn_mlp / all_linear / an explicit list."""
+    groups = linear_names(model)
+    if isinstance(targets, list):
+        known = set().union(*groups.values())
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise ConfigError(f"method.targets: no Linear module named {unknown} in this model; "
+                              f"it has: {', '.join(sorted(known))}")
+        return list(targets)
+    if targets == "all_linear":  # every Linear in the blocks (not the output layer)
+        return sorted(set().union(*groups.values()))
+    names = set(groups["attn"]) | (groups["mlp"] if targets == "attn_mlp" else set())
+    if not names:
+        raise ConfigError(f"method.targets={targets}: found no attention/MLP Linear layers; "
+                          "name them explicitly, e.g. [q_proj, v_proj]")
+    return sorted(names)
+
+
+def peft_config(model: nn.Module, cfg: MethodCfg, tokenizer_path: str | None = None):
+    import peft
+
+    layers = parse_layers(cfg.layers)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if layers and n_layers is not None and layers[-1] >= n_layers:
+        raise ConfigError(f"method.layers={cfg.layers!r}: this model has layers 0-{n_layers - 1}")
+    if cfg.name in ("lora", "dora", "rslora", "qlora"):
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=target_modules(model, cfg.targets), layers_to_transform=layers,
+            use_dora=cfg.name == "dora", use_rslora=cfg.name == "rslora", bias="none")
+    if cfg.name == "ia3":
+        groups = linear_names(model)
+        if cfg.targets in ("attn", "attn_mlp"):
+            # IA3 rescales keys, values and the input of the MLP's down projection (paper section 3).
+            mods = sorted(groups["attn"] & {"k_proj", "v_proj"}) + sorted(groups["mlp"] & FF_NAMES)
+        else:
+            mods = target_modules(model, cfg.targets)
+        ff = [m for m in mods if m in FF_NAMES]
+        if layers:  # IA3Config has no layers_to_transform: select layers with a regex instead
+            where = rf".*\.layers\.({'|'.join(map(str, layers))})\.(.*\.)?"
+            mods, ff = rf"{where}({'|'.join(mods)})$", rf"{where}({'|'.join(ff) or '$^'})$"
+        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=mods, feedforward_modules=ff)
+    if cfg.name == "prompt_tuning":
+        kw = {}
+        if cfg.prompt_init_text:
+            kw = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
+                      tokenizer_name_or_path=tokenizer_path)
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, **kw)
+    if cfg.name == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    raise ConfigError(f"method {cfg.name} has no PEFT config")
+
+
+def apply_method(model: nn.Module, cfg: MethodCfg, tokenizer_path: str | None = None,
+                 gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap `model` for training with the configured method; frozen parts stay frozen."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    import peft
+
+    if cfg.name == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing and cfg.name not in PROMPT_METHODS:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return peft.get_peft_model(model, peft_config(model, cfg, tokenizer_path))
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model under any PEFT/DDP wrapping."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model: PEFT adapters switched off (no second copy in memory)."""
+    model = getattr(model, "module", model)
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with ctx:
+        yield model
+
+
+def trainable_report(model: nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(1, total), 4)}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Names and values of the trained parameters (what a checkpoint must keep)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
