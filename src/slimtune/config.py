@@ -230,7 +230,9 @@ def _coerce(key: str, raw, typ):
     """Turn a YAML value or a `key=value` string into the field's type, or raise ConfigError."""
     if isinstance(typ, str):
         typ = eval(typ, vars(typing) | {"list": list})  # annotations are strings (future import)
-    args = typing.get_args(typ)
+    import types
+    is_union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    args = typing.get_args(typ) if is_union else ()
     if raw is None:
         if type(None) in args:
             return None

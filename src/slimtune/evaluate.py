@@ -12,7 +12,7 @@ from .data.batching import collate, length_grouped_batches
 from .forward import batch_loss
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg | None = None,
                     batch_size: int = 8, max_examples: int | None = None, kl: bool = True,
                     ref_model=None) -> dict:

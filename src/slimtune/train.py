@@ -90,6 +90,7 @@ def train(cfg: Config, log=print) -> dict:
     ref_model = None
     if cfg.method.name == "full" and (cfg.loss.kl_lambda > 0 or cfg.eval.kl):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # full FT: a frozen copy is the base
+    base_params = model_info(model)["params"]
     model = apply_method(model, cfg.method, resolve_model(cfg.model.name), tc.gradient_checkpointing)
     params = trainable_report(model)
     pad_id = tokenizer.pad_token_id
@@ -116,7 +117,7 @@ def train(cfg: Config, log=print) -> dict:
         atomic_write_json(run_dir / "data_stats.json", data.stats)
     progress = Progress(total_steps, tc.progress and main)
     setup_s = timer()
-    log(f"model {cfg.model.name}: {model_info(acc.unwrap_model(model))['params']:,} parameters; method "
+    log(f"model {cfg.model.name}: {base_params:,} parameters; method "
         f"{cfg.method.name}: {params['trainable']:,} trainable ({params['percent']:.3f}%)")
     log(f"data: {len(data.train)} train / {len(data.val)} held-out examples, "
         f"{data.stats['train']['trained_tokens']:,} trained tokens; {total_steps} steps")

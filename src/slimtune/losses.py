@@ -1,0 +1,281 @@
+"""Chunked CE and KL-to-base from hidden states at the trained positions.
+
+The loop gathers the final hidden states at the positions that are trained, already shifted
+(hidden at position t predicts token t+1), so the loss sees `hidden: (N, H)`, `targets: (N,)`.
+The output projection `weight: (V, H)` is applied here, `chunk_size` rows at a time. Forward
+computes each chunk's loss AND its gradients (Liger's "fused linear cross entropy" idea), so
+full (N, V) logits never exist and backward only rescales the stored gradients.
+
+    loss = (sum_i CE_i + kl_lambda * sum_j KL_j) / normaliser
+
+KL rows j come from the base model (adapters off, no_grad): `ref_hidden @ ref_weight.T`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+DIRECTIONS = ("forward", "reverse", "jsd")
+
+
+@dataclass
+class LossOut:
+    loss: Tensor
+    """Scalar to backward: (ce_sum + kl_lambda * kl_sum) / normaliser."""
+    ce_sum: Tensor
+    """Detached fp32 scalar: CE summed over the rows with a target (!= -100)."""
+    kl_sum: Tensor
+    """Detached fp32 scalar: tau^2 * KL summed over the KL rows (0 when there are none)."""
+    n_tokens: int
+    """Rows with a target (CE-trained); N when no target is -100."""
+    n_kl_tokens: int
+    """Rows that got a KL term."""
+
+
+def token_kl(p_logits: Tensor, q_logits: Tensor, direction: str = "forward",
+             temperature: float = 1.0, jsd_beta: float = 0.5) -> Tensor:
+    """Per-row divergence between base logits `p_logits` and tuned logits `q_logits`, both (N, V).
+
+    Both are softened by `temperature` tau: p = softmax(p_logits / tau), q = softmax(q_logits / tau),
+    and the result is multiplied by tau^2 (Hinton et al. 2015) so gradients keep their scale.
+      forward: KL(p || q) = sum_v p (log p - log q)      (base || tuned, mass-covering)
+      reverse: KL(q || p) = sum_v q (log q - log p)      (tuned || base, mode-seeking)
+      jsd:     beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta * p + (1 - beta) * q
+               (TRL GKD's generalised JSD with p the teacher; beta = jsd_beta in (0, 1)).
+    Returns (N,) fp32 (fp64 for fp64 input). Differentiable through both arguments (plain autograd).
+    """
+    logp = _log_softmax(p_logits, temperature)
+    logq = _log_softmax(q_logits, temperature)
+    kl, _ = _kl_terms(logp, logq, direction, jsd_beta, want_grad=False)
+    return kl * temperature**2
+
+
+def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                 normaliser: float | int | Tensor | None = None, ref_hidden: Tensor | None = None,
+                 ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
+                 kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
+                 direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
+                 logit_softcap: float | None = None) -> LossOut:
+    """CE (+ KL to the base) over N rows without building (N, V) logits.
+
+    hidden: (N, H) tuned final hidden states (fp32 or bf16); weight: (V, H), bias: (V,) or None.
+    targets: (N,) long, -100 = no CE on that row. ref_hidden: (N, H) base hidden states (treated as
+    constant); ref_weight defaults to `weight` (and then ref_bias to `bias`). kl_mask: (N,) bool,
+    rows that get KL, default `targets != -100`. normaliser: divides CE and KL sums, default the
+    number of CE rows (pass the whole accumulated batch's count for gradient accumulation).
+    Softmax math is fp32 in chunks of `chunk_size` rows; grads come back in the input dtypes.
+    `weight`/`bias` grads are computed only when they require grad (frozen in LoRA: skipped).
+    With kl_lambda == 0 the KL is still reported (kl_sum) but adds nothing to loss or grads.
+    Peak extra memory: a few (chunk_size, V) fp32 buffers (+ a (V, H) fp32 grad if weight trains).
+    """
+    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
+    targets = targets.to(hidden.device)
+    n_ce = int((targets != IGNORE).sum())
+    if ref_hidden is None:
+        if kl_lambda:
+            raise ValueError("kl_lambda > 0 needs ref_hidden (the base model's hidden states)")
+        kl_mask = None
+    elif kl_mask is None:
+        kl_mask = targets != IGNORE
+    n_kl = int(kl_mask.sum()) if kl_mask is not None else 0
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, bias
+    norm = float(normaliser) if normaliser is not None else float(max(n_ce, 1))
+    track = torch.is_grad_enabled()  # ctx.needs_input_grad ignores no_grad, so decide here
+    needs = tuple(track and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    opts = (float(kl_lambda), float(temperature), direction, float(jsd_beta), int(chunk_size),
+            logit_softcap, norm, needs)
+    loss, ce_sum, kl_sum = _ChunkedLoss.apply(hidden, weight, bias, targets, ref_hidden, ref_weight,
+                                              ref_bias, kl_mask, opts)
+    return LossOut(loss, ce_sum, kl_sum, n_ce, n_kl)
+
+
+def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                   normaliser: float | int | Tensor | None = None, ref_hidden: Tensor | None = None,
+                   ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
+                   kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
+                   direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
+                   logit_softcap: float | None = None) -> LossOut:
+    """The naive path: full (N, V) logits and plain autograd. Same arguments and result as
+    `chunked_loss` (chunk_size is ignored); used by tests and benchmarks."""
+    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
+    targets = targets.to(hidden.device)
+    n_ce = int((targets != IGNORE).sum())
+    norm = float(normaliser) if normaliser is not None else float(max(n_ce, 1))
+    logits = _project(hidden, weight, bias, logit_softcap)  # (N, V) fp32
+    ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    kl_sum, n_kl = logits.new_zeros(()), 0
+    if ref_hidden is not None:
+        if ref_weight is None:
+            ref_weight, ref_bias = weight, bias
+        if kl_mask is None:
+            kl_mask = targets != IGNORE
+        with torch.no_grad():
+            ref_logits = _project(ref_hidden, ref_weight, ref_bias, logit_softcap)
+        kl_sum = token_kl(ref_logits[kl_mask], logits[kl_mask], direction, temperature, jsd_beta).sum()
+        n_kl = int(kl_mask.sum())
+    elif kl_lambda:
+        raise ValueError("kl_lambda > 0 needs ref_hidden (the base model's hidden states)")
+    loss = (ce_sum + kl_lambda * kl_sum) / norm if kl_lambda else ce_sum / norm
+    return LossOut(loss, ce_sum.detach(), kl_sum.detach(), n_ce, n_kl)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Forward walks the chunks computing loss and grads; backward scales the stored grads."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, kl_mask, opts):
+        lam, tau, direction, beta, chunk, cap, norm, (need_h, need_w, need_b) = opts
+        n, v = hidden.shape[0], weight.shape[0]
+        w = weight.detach().to(hidden.dtype)  # a no-op unless dtypes differ
+        b = None if bias is None else bias.detach().to(hidden.dtype)
+        rw = rb = None
+        if ref_hidden is not None:
+            ref_hidden = ref_hidden.detach()
+            rw = ref_weight.detach().to(ref_hidden.dtype)
+            rb = None if ref_bias is None else ref_bias.detach().to(ref_hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(v, hidden.shape[1], device=hidden.device) if need_w else None  # fp32
+        grad_b = torch.zeros(v, device=hidden.device) if need_b else None
+        any_grad = need_h or need_w or need_b
+        kl_grad = any_grad and ref_hidden is not None and lam != 0.0
+        ce_sum = torch.zeros((), device=hidden.device)
+        kl_sum = torch.zeros((), device=hidden.device)
+        for s in range(0, n, chunk):
+            h = hidden[s:s + chunk].detach()                              # (c, H)
+            rh = None if ref_hidden is None else ref_hidden[s:s + chunk]
+            m = None if kl_mask is None else kl_mask[s:s + chunk]
+            ce, kl, g = _chunk(h, w, b, targets[s:s + chunk], rh, rw, rb, m, lam, tau, direction,
+                               beta, cap, norm, any_grad, kl_grad)
+            ce_sum += ce
+            kl_sum += kl
+            if need_h:
+                grad_h[s:s + chunk] = g.to(w.dtype) @ w                   # (c, H)
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())                           # (V, H) += (V, c) @ (c, H)
+            if need_b:
+                grad_b += g.sum(0)
+            del g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        loss = (ce_sum + lam * kl_sum) / norm if lam else ce_sum / norm
+        return loss, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        grads = []
+        for g, dt in zip(ctx.saved_tensors, ctx.dtypes):
+            if g is not None:
+                g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss
+                g = g.to(dt)
+            grads.append(g)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, cap, norm, want_grad, kl_grad):
+    """One chunk of c rows: (ce sum, tau^2 * kl sum, d loss / d logits (c, V) fp32 or None).
+
+    A function of its own so its (c, V) buffers are freed before the next chunk allocates.
+    """
+    valid = t != IGNORE                                               # (c,)
+    z, tanh_z = _project(h, w, b, cap, keep_tanh=True)                # (c, V) fp32
+    logq1 = z.log_softmax(-1)                                         # CE uses tau = 1
+    tgt = t.clamp_min(0)[:, None]                                     # (c, 1)
+    ce = -(logq1.gather(1, tgt).squeeze(1) * valid).sum()
+    kl, g_kl = torch.zeros((), device=h.device), None
+    if rh is not None:
+        logp = _log_softmax(_project(rh, rw, rb, cap), tau)            # base, (c, V)
+        logq = logq1 if tau == 1.0 else _log_softmax(z, tau)
+        del z
+        kl_rows, g_kl = _kl_terms(logp, logq, direction, beta, want_grad=kl_grad)
+        del logp, logq
+        kl = (kl_rows * m).sum() * tau**2
+    else:
+        del z
+    if not want_grad:
+        return ce, kl, None
+    # d CE / d z = softmax(z) - onehot(target), on rows with a target
+    g = logq1.exp_()                                                  # reuses the buffer
+    g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
+    g.mul_(valid[:, None])
+    if kl_grad:  # d (tau^2 KL(z / tau)) / d z = tau * (d KL / d (z / tau))
+        g.add_(g_kl.mul_((m * (lam * tau))[:, None]))
+        del g_kl
+    g.div_(norm)
+    if cap is not None:  # z = cap * tanh(raw / cap): d z / d raw = 1 - tanh^2
+        g.mul_(1.0 - tanh_z.square_())
+    return ce, kl, g
+
+
+def _project(h: Tensor, w: Tensor, b: Tensor | None, cap: float | None, keep_tanh: bool = False):
+    """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), soft-capped if `cap`."""
+    z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
+    tanh_z = None
+    if cap is not None:
+        if keep_tanh:
+            tanh_z = (z / cap).tanh_()
+            z = tanh_z * cap
+        else:
+            z = torch.tanh(z / cap) * cap
+    return (z, tanh_z) if keep_tanh else z
+
+
+def _log_softmax(logits: Tensor, tau: float) -> Tensor:
+    """log softmax(logits / tau) over the last dim, in fp32 at least (fp64 stays fp64)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return (x / tau).log_softmax(-1) if tau != 1.0 else x.log_softmax(-1)
+
+
+def _kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad: bool):
+    """Per-row divergence of base log-probs `logp` and tuned `logq`, both (c, V).
+
+    Returns (kl (c,), grad (c, V) of kl w.r.t. the tuned logits fed to the softmax, or None).
+    """
+    grad = None
+    if direction == "forward":       # KL(p||q); d/dz = q - p
+        p = logp.exp()
+        kl = torch.sub(logp, logq).mul_(p).sum(-1)
+        if want_grad:
+            grad = logq.exp().sub_(p)
+    elif direction == "reverse":     # KL(q||p); d/dz = q * (log q - log p - KL)
+        q = logq.exp()
+        d = logq - logp
+        kl = (d * q).sum(-1)
+        if want_grad:
+            grad = d.sub_(kl[:, None]).mul_(q)
+    else:                            # d JSD / d q_v = (1 - beta) log(q_v / m_v), then softmax
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        kl_p = torch.sub(logp, logm).mul_(logp.exp()).sum(-1)
+        q = logq.exp()
+        d = logq - logm
+        kl_q = (d * q).sum(-1)
+        kl = beta * kl_p + (1 - beta) * kl_q
+        if want_grad:
+            grad = d.sub_(kl_q[:, None]).mul_(q).mul_(1 - beta)
+    return kl, grad
+
+
+def _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk):
+    n = hidden.shape[0]
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if targets.shape != (n,):
+        raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
+    if ref_hidden is not None and ref_hidden.shape != hidden.shape:
+        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must match hidden {tuple(hidden.shape)}")
+    if kl_mask is not None and (kl_mask.shape != (n,) or kl_mask.dtype != torch.bool):
+        raise ValueError(f"kl_mask must be a ({n},) bool tensor")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; choose one of: {', '.join(DIRECTIONS)}")
+    if direction == "jsd" and not 0 < jsd_beta < 1:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if temperature <= 0 or chunk < 1:
+        raise ValueError("temperature must be > 0 and chunk_size >= 1")

@@ -1,0 +1,68 @@
+"""Configs: defaults live in the dataclasses; YAML and key=value override; bad input fails early."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimtune.config import Config, build_config, load_config
+from slimtune.errors import ConfigError
+from slimtune.train import check_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():  # every key written in the file arrived
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    if cfg.method.name == "qlora" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            check_config(cfg)
+    else:
+        check_config(cfg)
+
+
+def test_overrides_and_types():
+    cfg = load_config(None, ["train.lr=3e-4", "method.targets=[q_proj, v_proj]", "train.max_steps=none",
+                             "data.packing=true", "method.layers=10-20", "train.betas=[0.9, 0.95]"])
+    assert cfg.train.lr == 3e-4 and cfg.method.targets == ["q_proj", "v_proj"]
+    assert cfg.train.max_steps is None and cfg.data.packing is True and cfg.method.layers == "10-20"
+    assert cfg.train.betas == [0.9, 0.95]
+    assert Config().train.lr == 2e-4  # the dataclass is the one source of defaults
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.optimzer=adamw", "unknown key 'train.optimzer'; valid keys: output_dir"),
+    ("train.optimizer=sgd", "choose one of: adamw, adafactor, lion, schedulefree"),
+    ("method.name=lokr", "choose one of: lora, dora"),
+    ("train.lr=fast", "train.lr"),
+    ("train.max_steps=2.5", "expected an integer"),
+    ("data.packing=maybe", "true or false"),
+    ("trian.lr=1", "unknown config section 'trian'"),
+    ("lr=1", "section.key=value"),
+    ("loss.kl_direction=sideways", "forward, reverse, jsd"),
+])
+def test_bad_values_fail_before_any_model_loads(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("model: {nam: x}\n")
+    with pytest.raises(ConfigError, match="unknown key 'model.nam'"):
+        load_config(p)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build_config({"method": {"targets": ["q_proj"]}}, ["train.lr=1e-3"])
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
