@@ -72,6 +72,7 @@ def train(cfg: Config, log=print) -> dict:
     seed_everything(tc.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
+    log = log if main else (lambda *_: None)  # one voice under accelerate launch
     run_dir = Path(tc.output_dir)
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
     if tc.resume and ckpt is None:
@@ -190,7 +191,7 @@ def train(cfg: Config, log=print) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
     train_s = train_timer()
     if stopper.reason:
-        progress.message(f"stopping early at step {step}: {stopper.reason}")
+        log(f"stopping early at step {step}: {stopper.reason}")
     if last_eval.get("step") != step:
         last_eval = evaluate(step)
 
@@ -213,7 +214,7 @@ def train(cfg: Config, log=print) -> dict:
                    "last_train": last_logged, "time": times,
                    "chat_command": f"slimtune chat {run_dir}"}
         atomic_write_json(run_dir / "summary.json", summary)
-        progress.message(format_summary(summary))
+        log(format_summary(summary))
     acc.wait_for_everyone()
     return summary
 
