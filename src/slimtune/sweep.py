@@ -1,0 +1,121 @@
+"""Sweeps: a grid of overrides over one base config -> one run each -> one results table + plot.
+
+    # sweep.yaml
+    base: configs/quickstart.yaml        # or an inline config under `config:`
+    output_dir: runs/sweep
+    grid:
+      train.lr: [5.0e-4, 1.0e-3]
+      method.r: [8, 16]
+      loss.kl_lambda: [0.0, 0.05]
+
+Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), and
+`results.csv` / `results.md` rank the runs by held-out loss, with KL to base beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import build_config, load_config
+from .errors import ConfigError
+from .utils import atomic_write_text
+
+COLUMNS = ["run", "eval_loss_before", "eval_loss", "eval_ppl", "eval_kl", "general_kl", "trained_tokens_per_s",
+           "train_s", "steps", "trainable"]
+
+
+def grid_runs(grid: dict[str, list]) -> list[dict[str, object]]:
+    """Every combination of the grid's values, as {key: value} override dicts (a stable order)."""
+    for key, values in grid.items():
+        if "." not in key or not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep grid entry '{key}' must be section.key: [value, ...]")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(overrides: dict) -> str:
+    value = lambda v: "+".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    text = "_".join(f"{k.split('.')[-1]}-{value(v)}" for k, v in overrides.items())
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text) or "base"
+
+
+def _override_strings(overrides: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+
+
+def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(spec) - {"base", "config", "grid", "output_dir"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid, output_dir")
+    base = load_config(spec["base"]).to_dict() if spec.get("base") else (spec.get("config") or {})
+    return base, spec.get("grid") or {}, Path(spec.get("output_dir", "runs/sweep"))
+
+
+def sweep(path: str | Path, log=print, extra: list[str] = ()) -> list[dict]:
+    from .train import train
+
+    base, grid, out = load_sweep(path)
+    combos = grid_runs(grid) if grid else [{}]
+    for combo in combos:  # validate every combination before the first model loads
+        build_config(base, list(extra) + _override_strings(combo))
+    log(f"sweep: {len(combos)} runs into {out}")
+    rows = []
+    for i, combo in enumerate(combos, 1):
+        name = run_name(combo)
+        run_dir = out / name
+        if not (run_dir / "summary.json").exists():
+            log(f"[{i}/{len(combos)}] {name}")
+            cfg = build_config(base, list(extra) + _override_strings(combo) + [f"train.output_dir={run_dir}"])
+            train(cfg, log=log)
+        rows.append(result_row(run_dir, name, combo))
+    write_results(rows, out, list(grid))
+    return rows
+
+
+def result_row(run_dir: Path, name: str, combo: dict) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    row = {"run": name, **combo, "eval_loss_before": s["before"]["eval_loss"], "eval_loss": s["after"]["eval_loss"],
+           "eval_ppl": s["after"]["eval_ppl"], "eval_kl": s["after"]["eval_kl"], "general_kl": s["after"]["general_kl"],
+           "trained_tokens_per_s": s["time"]["trained_tokens_per_s"], "train_s": s["time"]["train_s"],
+           "steps": s["steps"], "trainable": s["params"]["trainable"]}
+    return row
+
+
+def write_results(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
+    """results.csv and results.md (ranked by held-out loss), and results.png (loss vs KL)."""
+    rows = sorted(rows, key=lambda r: (r["eval_loss"] is None, r["eval_loss"] or 0))
+    cols = ["run"] + grid_keys + COLUMNS[1:]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {i} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for i, r in enumerate(rows, 1)]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    pts = [r for r in rows if r["eval_loss"] is not None and r["eval_kl"] is not None]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter([r["eval_kl"] for r in pts], [r["eval_loss"] for r in pts])
+    for r in pts:
+        ax.annotate(r["run"], (r["eval_kl"], r["eval_loss"]), fontsize=7)
+    ax.set_xlabel("KL(base || tuned) per held-out token")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("sweep: loss vs drift from the base")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    plt.close(fig)

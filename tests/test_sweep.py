@@ -1,0 +1,56 @@
+"""A sweep runs every grid combination once, resumes, and ranks the runs in one table."""
+
+import json
+
+import pytest
+import yaml
+from test_train import chats
+
+from slimtune.errors import ConfigError
+from slimtune.sweep import grid_runs, run_name, sweep
+
+
+def test_grid_and_names():
+    runs = grid_runs({"train.lr": [1e-3, 1e-2], "method.targets": ["attn", ["q_proj"]]})
+    assert len(runs) == 4 and runs[0] == {"train.lr": 1e-3, "method.targets": "attn"}
+    assert run_name(runs[1]) == "lr-0.001_targets-q_proj"
+    with pytest.raises(ConfigError):
+        grid_runs({"lr": [1]})
+
+
+def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(16, seed=2)))
+    spec = {"config": {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64,
+                                                             "general_prompts": None},
+                       "train": {"max_steps": 2, "progress": False}, "eval": {"max_examples": 4}},
+            "grid": {"train.lr": [1e-4, 3e-2], "method.r": [2]}, "output_dir": str(tmp_path / "sw")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    rows = sweep(tmp_path / "s.yaml", log=lambda *_: None)
+    assert len(rows) == 2
+    table = (tmp_path / "sw" / "results.md").read_text()
+    assert table.count("\n") == 4 and "eval_kl" in table
+    assert (tmp_path / "sw" / "results.csv").exists()
+    ranked = [l.split("|")[2].strip() for l in table.splitlines()[2:]]
+    losses = {r["run"]: r["eval_loss"] for r in rows}
+    assert losses[ranked[0]] <= losses[ranked[1]]
+    mtime = (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime
+    sweep(tmp_path / "s.yaml", log=lambda *_: None)  # finished runs are not run again
+    assert (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime == mtime
+
+
+def test_bad_combination_fails_before_training(tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"grid": {"train.optimizer": ["adamw", "sgd"]}}))
+    with pytest.raises(ConfigError, match="sgd"):
+        sweep(tmp_path / "s.yaml")
+
+
+def test_shipped_sweeps_are_valid():
+    from pathlib import Path
+
+    from slimtune.config import build_config
+    from slimtune.sweep import _override_strings, load_sweep
+    for path in sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml")):
+        base, grid, _ = load_sweep(path)
+        for combo in grid_runs(grid):
+            build_config(base, _override_strings(combo))
