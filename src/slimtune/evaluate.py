@@ -15,11 +15,12 @@ from .forward import batch_loss
 @torch.inference_mode()
 def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg | None = None,
                     batch_size: int = 8, max_examples: int | None = None, kl: bool = True,
-                    ref_model=None) -> dict:
+                    ref_model=None, ref_cache: dict | None = None) -> dict:
     """Mean CE per trained token, its perplexity, and mean KL(base || tuned) per trained token.
 
     The KL metric is always the forward direction at temperature 1 on trained (assistant) tokens,
-    whatever the training objective, so runs are comparable.
+    whatever the training objective, so runs are comparable. Pass the same `ref_cache` dict to
+    every evaluation of one example set: the base's hidden states are then computed only once.
     """
     if not examples:
         return {}
@@ -32,9 +33,9 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     n = 0
     try:
         batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
-        for idx in batches:
-            out = batch_loss(model, collate([examples[i] for i in idx], pad_id), cfg,
-                             want_kl=kl, ref_model=ref_model, normaliser=1.0)
+        for b, idx in enumerate(batches):
+            out = batch_loss(model, collate([examples[i] for i in idx], pad_id), cfg, want_kl=kl,
+                             ref_model=ref_model, normaliser=1.0, ref_cache=ref_cache, key=b)
             ce += float(out.ce_sum)
             kl_sum += float(out.kl_sum)
             n += out.n_tokens

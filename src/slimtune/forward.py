@@ -70,35 +70,41 @@ def kl_positions(batch: dict, targets: torch.Tensor, cfg: LossCfg) -> torch.Tens
 
 
 def batch_loss(model, batch: dict, cfg: LossCfg, kl_lambda: float = 0.0, normaliser: float | None = None,
-               ref_model=None, want_kl: bool = False) -> LossOut:
+               ref_model=None, want_kl: bool = False, ref_cache: dict | None = None, key=None) -> LossOut:
     """CE (+ kl_lambda x KL to the base) over the batch's trained tokens.
 
     The reference is the same model with adapters switched off, or `ref_model` (full fine-tuning).
-    want_kl computes the KL even when kl_lambda is 0 (for metrics).
+    want_kl computes the KL even when kl_lambda is 0 (for metrics). The base never changes, so
+    evaluation passes `ref_cache` (a dict) and a `key` per batch: the base's hidden states at the
+    selected positions are computed once and reused at every later evaluation.
     """
     h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
     weight, bias, softcap = output_layer(model)
     need_kl = kl_lambda > 0 or want_kl
     sel = targets != IGNORE
-    kl_mask = None
+    kw = {}
     if need_kl:
         kmask = kl_positions(batch, targets, cfg)
         sel = sel | kmask
-        kl_mask = kmask[sel]
-    kw = {}
-    if need_kl:
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_h = hidden_states(ref_model, batch)[:, :-1]
-                ref_w, ref_b, _ = output_layer(ref_model)
-            else:
-                with adapters_disabled(model):
-                    ref_h = hidden_states(model, batch)[:, :-1]
-                ref_w, ref_b = weight, bias
-        kw = dict(ref_hidden=ref_h[sel].detach(), ref_weight=ref_w.detach(),
-                  ref_bias=None if ref_b is None else ref_b.detach(), kl_mask=kl_mask,
-                  kl_lambda=kl_lambda, temperature=cfg.kl_temperature, direction=cfg.kl_direction,
-                  jsd_beta=cfg.jsd_beta)
+        if ref_cache is not None and key in ref_cache:
+            ref_sel = ref_cache[key]
+        else:
+            ref_sel = base_hidden(model, batch, ref_model)[:, :-1][sel]
+            if ref_cache is not None:
+                ref_cache[key] = ref_sel
+        ref_w, ref_b, _ = output_layer(ref_model) if ref_model is not None else (weight, bias, None)
+        kw = dict(ref_hidden=ref_sel, ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach(),
+                  kl_mask=kmask[sel], kl_lambda=kl_lambda, temperature=cfg.kl_temperature,
+                  direction=cfg.kl_direction, jsd_beta=cfg.jsd_beta)
     return chunked_loss(h[sel], weight, targets[sel], bias=bias, normaliser=normaliser,
                         chunk_size=cfg.chunk_size, logit_softcap=softcap, **kw)
+
+
+@torch.no_grad()
+def base_hidden(model, batch: dict, ref_model=None) -> torch.Tensor:
+    """(B, T, H) hidden states of the base: `ref_model`, or `model` with its adapters switched off."""
+    if ref_model is not None:
+        return hidden_states(ref_model, batch)
+    with adapters_disabled(model):
+        return hidden_states(model, batch)

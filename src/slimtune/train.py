@@ -123,12 +123,15 @@ def train(cfg: Config, log=print) -> dict:
     log(f"data: {len(data.train)} train / {len(data.val)} held-out examples, "
         f"{data.stats['train']['trained_tokens']:,} trained tokens; {total_steps} steps")
 
+    ref_caches: dict[str, dict] = {"val": {}, "general": {}}  # the base's eval hidden states, computed once
+
     def evaluate(step: int) -> dict:
         set_mode(optimizer, False)
         ev = heldout_metrics(model, data.val, pad_id, cfg.loss, cfg.eval.batch_size, cfg.eval.max_examples,
-                             kl=cfg.eval.kl, ref_model=ref_model)
+                             kl=cfg.eval.kl, ref_model=ref_model, ref_cache=ref_caches["val"])
         gen = heldout_metrics(model, data.general, pad_id, cfg.loss, cfg.eval.batch_size, cfg.eval.max_examples,
-                              kl=True, ref_model=ref_model) if cfg.eval.kl and data.general else {}
+                              kl=True, ref_model=ref_model, ref_cache=ref_caches["general"]) \
+            if cfg.eval.kl and data.general else {}
         set_mode(optimizer, True)
         row = {"step": step, "eval_loss": ev.get("loss"), "eval_ppl": ev.get("ppl"), "eval_kl": ev.get("kl"),
                "general_kl": gen.get("kl")}

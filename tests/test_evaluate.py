@@ -1,0 +1,38 @@
+"""Held-out metrics: loss/ppl/KL per trained token; the base's hidden states are reused, not recomputed."""
+
+import math
+
+import pytest
+import torch
+from test_methods import CHATS
+from tiny import make_model
+
+from slimtune.config import MethodCfg
+from slimtune.data.render import render_chat
+from slimtune.evaluate import heldout_metrics
+from slimtune.methods import apply_method
+
+
+def test_metrics_and_base_cache(tokenizer, monkeypatch):
+    examples = [dict(zip(("input_ids", "labels"), render_chat(c, tokenizer))) for c in CHATS * 3]
+    model = apply_method(make_model(tokenizer), MethodCfg(name="lora", r=4))
+    pad = tokenizer.pad_token_id
+    cache = {}
+    first = heldout_metrics(model, examples, pad, batch_size=2, ref_cache=cache)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7) and first["ppl"] == pytest.approx(math.exp(first["loss"]))
+    assert len(cache) == 3
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    import slimtune.forward as fw
+    calls = []
+    real = fw.base_hidden
+    monkeypatch.setattr(fw, "base_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = heldout_metrics(model, examples, pad, batch_size=2, ref_cache=cache)
+    assert calls == []  # the base was not run again
+    fresh = heldout_metrics(model, examples, pad, batch_size=2)
+    assert len(calls) == 3
+    assert cached["kl"] > 1e-4
+    assert cached == pytest.approx(fresh, rel=1e-6)
+    assert cached["tokens"] == sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
