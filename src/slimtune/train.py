@@ -65,6 +65,7 @@ def train(cfg: Config, log=print) -> dict:
     from .models import load_model, load_tokenizer, model_info, resolve_model
 
     check_config(cfg)
+    _quiet_libraries()
     timer = Timer()
     tc = cfg.train
     if tc.num_threads:
@@ -166,6 +167,7 @@ def train(cfg: Config, log=print) -> dict:
         grad_norm = None
         if tc.grad_clip:
             grad_norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        lr = scheduler.get_last_lr()[0]  # the lr this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -175,7 +177,6 @@ def train(cfg: Config, log=print) -> dict:
         ce_mean = ce * acc.num_processes / max(1, n_total)  # this process's share, scaled
         kl_mean = kl * acc.num_processes / max(1, n_total)
         loss = ce_mean + kl_lambda * kl_mean
-        lr = scheduler.get_last_lr()[0]
         stopper.after_step(step, loss, elapsed)
         last_logged = {"step": step, "epoch": round(loop["epoch"] + loop["batch"] / max(1, len(batches)), 3),
                        "loss": loss, "ce": ce_mean, "kl": kl_mean if kl_lambda > 0 else None,
@@ -220,6 +221,15 @@ def train(cfg: Config, log=print) -> dict:
         log(format_summary(summary))
     acc.wait_for_everyone()
     return summary
+
+
+def _quiet_libraries() -> None:
+    """Our progress line is the one to read: no per-tensor loading bars or deprecation noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def accumulate_grads(model, micro: list[list[dict]], n_total: int, pad_id: int, loss_cfg, kl_lambda: float,
