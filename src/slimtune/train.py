@@ -74,6 +74,9 @@ def train(cfg: Config, log=print) -> dict:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     log = log if main else (lambda *_: None)  # one voice under accelerate launch
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"{acc.distributed_type.name} is not supported yet: the chunked loss reads the LM "
+                          "head outside the model's forward, where it is sharded; launch with DDP (--multi_gpu)")
     run_dir = Path(tc.output_dir)
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
     if tc.resume and ckpt is None:
