@@ -30,6 +30,11 @@ SIGNATURES = {
     "dolly": {"instruction", "response"},
     "alpaca": {"instruction", "output"},
 }
+# Formats that hold a list of turns: (list key, role key, text key, role names -> ours, hint).
+TURN_LISTS = {
+    "messages": ("messages", "role", "content", {r: r for r in ROLES}, ", ".join(ROLES)),
+    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES, "human, gpt, system"),
+}
 BUILTIN = {"instructions", "general_prompts", "eval_prompts"}
 
 
@@ -100,39 +105,25 @@ def _text(row: dict, key: str, path, line, required=True) -> str:
 
 def row_to_messages(row: dict, fmt: str, path: str, line: int, system_prompt: str | None = None) -> Messages:
     """Convert one row of a known format to messages, validating as it goes."""
-    if fmt == "messages":
-        raw = row["messages"]
+    if fmt in TURN_LISTS:
+        list_key, role_key, text_key, roles, hint = TURN_LISTS[fmt]
+        raw = row[list_key]
         if not isinstance(raw, list) or not raw:
-            raise DataError("must be a non-empty list of {role, content}", path=path, line=line, field="messages")
+            raise DataError(f"must be a non-empty list of {{{role_key}, {text_key}}}",
+                            path=path, line=line, field=list_key)
         msgs = []
         for i, m in enumerate(raw):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError("each message needs 'role' and 'content'", path=path, line=line, field=where)
-            if m["role"] not in ROLES:
-                raise DataError(f"unknown role {m['role']!r}; use one of {', '.join(ROLES)}",
-                                path=path, line=line, field=f"{where}.role")
-            if not isinstance(m["content"], str):
-                raise DataError("content must be a string", path=path, line=line, field=f"{where}.content")
-            msgs.append({"role": m["role"], "content": m["content"]})
-        field_of = lambda i: f"messages[{i}].content"  # noqa: E731
-    elif fmt == "sharegpt":
-        raw = row["conversations"]
-        if not isinstance(raw, list) or not raw:
-            raise DataError("must be a non-empty list of {from, value}", path=path, line=line, field="conversations")
-        msgs = []
-        for i, m in enumerate(raw):
-            where = f"conversations[{i}]"
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise DataError("each turn needs 'from' and 'value'", path=path, line=line, field=where)
-            role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+            where = f"{list_key}[{i}]"
+            if not isinstance(m, dict) or role_key not in m or text_key not in m:
+                raise DataError(f"each turn needs '{role_key}' and '{text_key}'", path=path, line=line, field=where)
+            role = roles.get(str(m[role_key]).lower())
             if role is None:
-                raise DataError(f"unknown role {m['from']!r}; use human, gpt or system",
-                                path=path, line=line, field=f"{where}.from")
-            if not isinstance(m["value"], str):
-                raise DataError("value must be a string", path=path, line=line, field=f"{where}.value")
-            msgs.append({"role": role, "content": m["value"]})
-        field_of = lambda i: f"conversations[{i}].value"  # noqa: E731
+                raise DataError(f"unknown role {m[role_key]!r}; use one of {hint}",
+                                path=path, line=line, field=f"{where}.{role_key}")
+            if not isinstance(m[text_key], str):
+                raise DataError(f"{text_key} must be a string", path=path, line=line, field=f"{where}.{text_key}")
+            msgs.append({"role": role, "content": m[text_key]})
+        field_of = lambda i: f"{list_key}[{i}].{text_key}"  # noqa: E731
     elif fmt in ("alpaca", "dolly"):
         extra_key, answer_key = ("input", "output") if fmt == "alpaca" else ("context", "response")
         instruction = _text(row, "instruction", path, line)
