@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import FAMILIES, make_model, make_tokenizer, save_tiny  # noqa: E402
+from tiny import make_tokenizer, save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=["chatml", "llama3", "default_system", "chatml_gen"])

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import chats

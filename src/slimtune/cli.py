@@ -125,8 +125,140 @@ def cmd_data_split(args):
     print(f"wrote {len(train)} train and {len(val)} val chats to {out}")
 
 
+# ---------------------------------------------------------------- eval, compare, chat, merge, report
+def add_eval(sub):
+    p = sub.add_parser("eval", help="held-out loss/ppl and KL for base vs tuned, and style of generated answers",
+                       description="Evaluate RUN against its base: held-out loss and perplexity, KL to base, and "
+                                   "style metrics of greedy answers. Writes RUN/eval.json and prints a table.")
+    p.add_argument("run", help="run folder written by slimtune train")
+    p.add_argument("--data", help="held-out chats (default: the run's own held-out split)")
+    p.add_argument("--prompts", help="prompts to answer (default: builtin:eval_prompts)")
+    p.add_argument("--out", help="result JSON (default: RUN/eval.json)")
+    p.add_argument("--max-prompts", type=int, help="answer only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    p.add_argument("--max-examples", type=int, help="held-out examples (default: the run's eval.max_examples)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args):
+    from .evalrun import evaluate_run, format_table
+
+    res = evaluate_run(args.run, data=args.data, prompts=args.prompts, out=args.out, max_prompts=args.max_prompts,
+                       max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype)
+    print(format_table(res))
+
+
+def add_compare(sub):
+    p = sub.add_parser("compare", help="base and tuned models answer the same prompts, side by side",
+                       description="Answers of the base (of the first run) and of each RUN to the same prompts, "
+                                   "greedy and with seeded sampling; printed side by side and written to Markdown.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or models) to compare")
+    p.add_argument("--prompts", help="prompts file (default: builtin:eval_prompts)")
+    p.add_argument("--max-prompts", type=int, default=8, help="first N prompts (default 8; 0 = all)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the first run's eval.max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="for the sampled answers (default 0.7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="Markdown file (default: FIRST_RUN/compare.md; a .json is written beside it)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args):
+    from .compare import compare_runs, to_terminal
+
+    res = compare_runs(args.runs, prompts=args.prompts, max_prompts=args.max_prompts or None,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                       out=args.out, dtype=args.dtype)
+    print(to_terminal(res))
+
+
+def add_chat(sub):
+    p = sub.add_parser("chat", help="chat with a run (any method) or a model, through its chat template",
+                       description="Interactive chat with streamed answers (/reset, /exit), or one answer with "
+                                   "--prompt. Uses the chat template the run was trained with.")
+    p.add_argument("target", metavar="RUN|MODEL", help="run folder, merged folder, or model name")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt (default: the run's data.system_prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args):
+    from .generate import Streamer, chat_loop, generate
+    from .run import load_run
+
+    model, tok, cfg = load_run(args.target, args.dtype)
+    system = args.system if args.system is not None else cfg.data.system_prompt
+    if args.prompt is None:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        chat_loop(model, tok, system, args.max_new_tokens, args.temperature, args.seed)
+        return
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": args.prompt}]
+    res = generate(model, tok, messages, args.max_new_tokens, args.temperature, seed=args.seed,
+                   streamer=Streamer(tok, sys.stdout))
+    if not res["ended"]:
+        print(f"[stopped at {args.max_new_tokens} tokens]", file=sys.stderr)
+
+
+def add_merge(sub):
+    p = sub.add_parser("merge", help="merge an adapter into its base: a standalone transformers model",
+                       description="Merge RUN's adapter into its base and save safetensors, tokenizer and chat "
+                                   "template to --out; prints a logit parity check against the adapter model.")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="saved weights (default: the run's model.dtype)")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args):
+    from .merge import merge_run
+
+    merge_run(args.run, args.out, args.dtype)
+
+
+def add_report(sub):
+    p = sub.add_parser("report", help="plots and a self-contained HTML report of a run",
+                       description="Write RUN/plots/*.png and RUN/report.html (config, metrics, plots, samples).")
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file (default: RUN/report.html)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="samples to generate when there is no compare.json or eval.json (default 3)")
+    p.add_argument("--max-new-tokens", type=int, help="for generated samples (default: the run's eval setting)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args):
+    from .report import make_report
+
+    print(make_report(args.run, args.out, args.samples, args.max_new_tokens))
+
+
+# ---------------------------------------------------------------- sweep
+def add_sweep(sub):
+    p = sub.add_parser("sweep", help="run a grid of configs and rank them in one results table",
+                       description="SWEEP.yaml has base: CONFIG (or config: {...}), output_dir and "
+                                   "grid: {section.key: [values]}; see configs/sweeps/.")
+    p.add_argument("sweep", help="sweep YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args):
+    from .sweep import sweep
+    rows = sweep(args.sweep, log=lambda m: print(m, file=sys.stderr), extra=args.overrides)
+    print(f"{len(rows)} runs; ranked table in the sweep's results.md")
+
+
 # ---------------------------------------------------------------- registry
-COMMANDS = [add_train, add_data]
+COMMANDS = [add_train, add_data, add_sweep, add_eval, add_compare, add_chat, add_merge, add_report]
 
 
 def main(argv: list[str] | None = None) -> int:

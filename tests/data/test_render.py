@@ -1,7 +1,7 @@
 """The mask is the contract: trained tokens decode to exactly the assistant turns + end of turn."""
 
 import pytest
-from tiny import FAMILIES, make_tokenizer
+from tiny import make_tokenizer
 
 from slimtune import render_chat
 from slimtune.data.render import IGNORE, render_prompt

@@ -1,0 +1,116 @@
+"""Load what `slimtune train` wrote (or any plain model) for evaluation, chat, compare and merge.
+
+A run folder holds config.yaml (the resolved config) and either an adapter
+(adapter_config.json + adapter_model.safetensors, loaded onto the base named in the config) or,
+for method=full, a whole model (config.json + model*.safetensors). Its tokenizer files and
+chat_template.jinja are the ones training rendered with, so they are loaded from the run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import Config, ModelCfg, load_config
+from .errors import SlimtuneError
+
+
+def run_kind(path: str | Path) -> str | None:
+    """'adapter' or 'full' for a run folder, None for anything else (a plain model or nothing).
+
+    Raises SlimtuneError for a folder with config.yaml whose weights are missing.
+    """
+    p = Path(path)
+    if not (p / "config.yaml").is_file():
+        return None
+    if (p / "adapter_config.json").is_file():
+        if not (p / "adapter_model.safetensors").is_file():
+            raise SlimtuneError(f"{p} has adapter_config.json but no adapter_model.safetensors: "
+                                "the run did not finish saving; train it again or resume it")
+        return "adapter"
+    if (p / "config.json").is_file() and list(p.glob("model*.safetensors")):
+        return "full"
+    hint = " (checkpoints/ holds resumable state: finish it with train.resume=true)" \
+        if (p / "checkpoints").is_dir() else ""
+    raise SlimtuneError(f"{p} has a config.yaml but no adapter (adapter_model.safetensors) or model "
+                        f"(model.safetensors): the run did not finish{hint}")
+
+
+def read_config(path: str | Path) -> Config:
+    """A run's resolved config.yaml as a Config."""
+    return load_config(path)
+
+
+def load_base(cfg: Config, dtype: str = "float32", device: str | None = None):
+    """The run's base model (the reference for base metrics and samples), in eval mode."""
+    from .models import load_model
+
+    four_bit = cfg.method.name == "qlora" and torch.cuda.is_available()
+    return load_model(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                      attn_implementation=cfg.model.attn_implementation, quantize_4bit=four_bit,
+                      device=device)
+
+
+def load_run(path: str | Path, dtype: str = "float32", device: str | None = None):
+    """A run folder or a plain model name/folder -> (model, tokenizer, cfg), model in eval mode.
+
+    Adapters load as a `peft.PeftModel` on the base named in the run's config (so
+    `methods.adapters_disabled(model)` is the base); a full fine-tune loads as a plain model.
+    For a plain model, cfg is the defaults with model.name set.
+    A QLoRA run loads its base in 4 bits on CUDA and unquantised in `dtype` elsewhere.
+    """
+    from .models import load_model, load_tokenizer
+
+    path = str(path)
+    kind = run_kind(path)
+    if kind is None:
+        p = Path(path)
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise SlimtuneError(f"{p} is neither a run folder (config.yaml + adapter or model) nor a model "
+                                "folder (config.json + *.safetensors)")
+        cfg = Config(model=ModelCfg(name=path, dtype=dtype))
+        try:
+            model = load_model(path, dtype=dtype, device=device)
+        except SlimtuneError as e:
+            raise SlimtuneError(f"'{path}' is not a run folder, and loading it as a model failed: {e}") from None
+        return model, load_tokenizer(path), cfg
+    cfg = read_config(Path(path) / "config.yaml")
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    if kind == "full":
+        model = load_model(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation, device=device)
+        return model, tokenizer, cfg
+    import peft
+
+    base = load_base(cfg, dtype, device)
+    try:
+        model = peft.PeftModel.from_pretrained(base, path, is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise SlimtuneError(f"cannot load the adapter in {path} onto base model '{cfg.model.name}': {e}") from e
+    return model.eval(), tokenizer, cfg
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def base_reference(model, cfg: Config, dtype: str = "float32"):
+    """What to compare against: None for an adapter (switching it off gives the base, no second
+    copy), a separately loaded base model for a full fine-tune."""
+    if hasattr(model, "disable_adapter"):
+        return None
+    return load_base(cfg, dtype, str(device_of(model)))
+
+
+@contextmanager
+def as_base(model, ref=None):
+    """`with as_base(model, ref) as base:` the base model: `ref` if given, else adapters off."""
+    from .methods import adapters_disabled
+
+    if ref is not None:
+        yield ref
+        return
+    with adapters_disabled(model) as base:
+        yield base

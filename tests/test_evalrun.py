@@ -1,0 +1,102 @@
+"""`slimtune eval`: every field of the result, computed on a tiny trained run."""
+
+import json
+
+import pytest
+from test_run import make_run
+
+from slimtune.config import build_config
+from slimtune.evalrun import evaluate_run, format_table
+from slimtune.style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
+from slimtune.train import train
+
+STYLE_FIELDS = {"answers", "list_share", "heading_share", "code_block_share", "banned_share", "banned_hits",
+                "banned_by_phrase", "stray_tag_share", "stray_tags", "mean_tokens", "ended_share", "tokens_per_s"}
+
+
+def write_chats(path, n=12):
+    rows = [{"messages": [{"role": "user", "content": f"List {i} things"},
+                          {"role": "assistant", "content": f"- item {i}\n- another\nAs an AI, done."}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_train(tmp_path, base_dir, method="lora"):
+    """A real (2-step) run folder from slimtune.train."""
+    cfg = build_config({"model": {"name": base_dir},
+                        "data": {"train": write_chats(tmp_path / "train.jsonl"), "max_length": 64},
+                        "method": {"name": method},
+                        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "progress": False,
+                                  "output_dir": str(tmp_path / f"run-{method}")},
+                        "eval": {"max_new_tokens": 4, "max_examples": 4}})
+    train(cfg, log=lambda m: None)
+    return cfg.train.output_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tiny import save_tiny
+
+    tmp = tmp_path_factory.mktemp("evalrun")
+    return tiny_train(tmp, save_tiny(tmp / "base"))
+
+
+def test_eval_json_has_every_field(trained_run, tmp_path):
+    res = evaluate_run(trained_run, max_prompts=3, log=lambda m: None)
+    on_disk = json.loads(open(f"{trained_run}/eval.json").read())
+    assert on_disk == json.loads(json.dumps(res))
+    h = res["heldout"]
+    assert h["examples"] >= 1 and h["tokens"] > 0 and "held-out split" in h["data"]
+    for side in ("base", "tuned"):
+        assert h[side]["loss"] > 0 and h[side]["ppl"] > 1
+    assert h["tuned"]["loss"] != h["base"]["loss"]  # lr 1e-2 for 2 steps moves it
+    assert h["kl_to_base"] > 0 and h["general_kl"] > 0
+    g = res["generation"]
+    assert g["n_prompts"] == 3 and g["max_new_tokens"] == 4 and "I'm sorry" in g["banned_phrases"]
+    for side in ("base", "tuned"):
+        assert set(g[side]) == STYLE_FIELDS
+        assert g[side]["answers"] == 3 and 1 <= g[side]["mean_tokens"] <= 4 and g[side]["tokens_per_s"] > 0
+    assert len(res["samples"]) == 3 and set(res["samples"][0]) == {"prompt", "base", "tuned"}
+    table = format_table(res)
+    for label in ("held-out loss", "KL to base, general prompts", "answers with stray template tags",
+                  "ended with end-of-turn", "generation tokens/s"):
+        assert label in table
+
+
+def test_eval_with_own_data_and_prompts(trained_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hi\nSay bye\n")
+    out = tmp_path / "e.json"
+    res = evaluate_run(trained_run, data=write_chats(tmp_path / "val.jsonl", 3), prompts=str(prompts),
+                       out=str(out), max_new_tokens=2, max_examples=4, log=lambda m: None)
+    assert out.exists() and res["heldout"]["examples"] == 3 and res["generation"]["n_prompts"] == 2
+    assert [s["prompt"] for s in res["samples"]] == ["Say hi", "Say bye"]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "full"])
+def test_eval_of_other_methods(tmp_path, tiny_dir, method):
+    """Soft prompts (base = adapter off) and full fine-tuning (base = a second model)."""
+    res = evaluate_run(make_run(tmp_path, tiny_dir, method, scale=0.05), data=write_chats(tmp_path / "v.jsonl", 2),
+                       max_prompts=1, max_new_tokens=2, max_examples=4, log=lambda m: None)
+    h = res["heldout"]
+    assert h["kl_to_base"] > 0 and h["base"]["loss"] != h["tuned"]["loss"]
+    assert res["generation"]["tuned"]["answers"] == 1
+
+
+def test_style_metrics():
+    answers = [
+        {"text": "# Title\n- a\n- b\n```py\nx = 1\n```", "n_tokens": 20, "ended": True, "seconds": 1.0},
+        {"text": "As an AI, I'm sorry.<|im_end|>\n<|im_start|>user\nhi", "n_tokens": 10, "ended": False, "seconds": 1.0},
+        {"text": "1. one\nUser: next question", "n_tokens": 6, "ended": True, "seconds": 1.0},
+        {"text": "Plain. [INST] as an ai", "n_tokens": 4, "ended": True, "seconds": 1.0},
+    ]
+    m = style_metrics(answers, ["As an AI", "I'm sorry"])
+    assert m["list_share"] == 0.5 and m["heading_share"] == 0.25 and m["code_block_share"] == 0.25
+    assert m["banned_share"] == 0.5 and m["banned_hits"] == 3 and m["banned_by_phrase"] == {"As an AI": 2, "I'm sorry": 1}
+    assert m["stray_tag_share"] == 0.75 and m["stray_tags"]["<|im_start|>"] == 1
+    assert m["mean_tokens"] == 10 and m["ended_share"] == 0.75 and m["tokens_per_s"] == 10
+    assert has_list("2) two") and not has_list("**bold**") and has_heading("Title\n=====")
+    assert not has_code_block("```never closed") and banned_hits("I CANNOT", ["I cannot"]) == {"I cannot": 1}
+    assert stray_tags("assistant\nHello") == ["assistant"] and stray_tags("The user: asked") == []
+    assert style_metrics([]) == {"answers": 0}

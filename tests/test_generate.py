@@ -1,0 +1,118 @@
+"""Generation and chat: the training template renders the prompt, answers stop at end of turn."""
+
+import io
+
+import pytest
+import torch
+from test_run import make_run
+from tiny import make_model, make_tokenizer
+
+from slimtune.data.render import render_chat, render_prompt
+from slimtune.generate import chat_loop, generate, load_prompts, stop_ids
+from slimtune.methods import adapters_disabled
+from slimtune.run import load_run
+
+CHAT = [{"role": "user", "content": "Hello there"}]
+
+
+class Recorder:
+    """Wraps a model: remembers the input_ids generate got; can force the next tokens."""
+
+    def __init__(self, model, script=None):
+        self.model, self.script, self.prompts = model, script, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, **kw):
+        self.prompts.append(input_ids[0].tolist())
+        if self.script is None:
+            return self.model.generate(input_ids=input_ids, **kw)
+        return torch.cat([input_ids, torch.tensor([self.script])], dim=1)
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "default_system"])
+def test_prompt_is_the_training_template(family):
+    tok = make_tokenizer(family)
+    rec = Recorder(make_model(tok))
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"}]
+    generate(rec, tok, chat, max_new_tokens=2)
+    assert rec.prompts[0] == render_prompt(chat, tok)
+    # ... which is exactly where training puts the answer: a prefix of the rendered chat, up to
+    # the first trained token of the last assistant turn
+    ids, labels = render_chat(chat + [{"role": "assistant", "content": "6"}], tok, train_on="last")
+    first_trained = next(i for i, lab in enumerate(labels) if lab != -100)
+    assert rec.prompts[0] == ids[:first_trained]
+
+
+def test_stop_tokens_are_eos_and_end_of_turn():
+    chatml, llama3 = make_tokenizer("chatml"), make_tokenizer("llama3")
+    assert chatml.convert_ids_to_tokens(stop_ids(chatml)) == ["<|im_end|>"]
+    assert set(llama3.convert_ids_to_tokens(stop_ids(llama3))) == {"<|eot_id|>", "<|end_of_text|>"}
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+def test_stops_on_end_of_turn(family):
+    tok = make_tokenizer(family)
+    model = make_model(tok)
+    eot = tok.convert_tokens_to_ids("<|im_end|>" if family == "chatml" else "<|eot_id|>")
+    hello = tok("Hello", add_special_tokens=False)["input_ids"]
+    res = generate(Recorder(model, hello + [eot]), tok, CHAT, max_new_tokens=10)
+    assert res == {**res, "text": "Hello", "n_tokens": len(hello) + 1, "ended": True}
+    res = generate(Recorder(model, hello), tok, CHAT, max_new_tokens=len(hello))
+    assert res["text"] == "Hello" and not res["ended"]
+    # a real model whose head always prefers end-of-turn stops right after it
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eot] = 10.0
+    model.lm_head = head
+    res = generate(model, tok, CHAT, max_new_tokens=10)
+    assert res["ended"] and res["n_tokens"] == 1 and res["text"] == ""
+
+
+def test_sampling_is_seeded_and_leaves_the_rng_alone():
+    tok = make_tokenizer("chatml")
+    model = make_model(tok)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = generate(model, tok, CHAT, 6, temperature=1.0, seed=5)
+    b = generate(model, tok, CHAT, 6, temperature=1.0, seed=5)
+    assert a["text"] == b["text"] and torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"])
+def test_every_adapter_generates(tmp_path, tiny_dir, method):
+    model, tok, _ = load_run(make_run(tmp_path, tiny_dir, method))
+    rec = Recorder(model)
+    tuned = generate(rec, tok, CHAT, 4)
+    with adapters_disabled(model):
+        base = generate(model, tok, CHAT, 4)
+    assert rec.prompts[0] == render_prompt(CHAT, tok)
+    assert tuned["n_tokens"] >= 1 and base["n_tokens"] >= 1 and tuned["seconds"] > 0
+
+
+def test_chat_loop_keeps_history_and_resets(tiny_dir):
+    tok = make_tokenizer("chatml")
+    rec = Recorder(make_model(tok))
+    lines = iter(["Hi", "More please", "/reset", "Again", "/exit", "never read"])
+    out = io.StringIO()
+    history = chat_loop(rec, tok, system="Be brief.", max_new_tokens=3, read=lambda _: next(lines), out=out)
+    sys_turn = {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in history] == ["system", "user", "assistant"] and history[1]["content"] == "Again"
+    assert len(rec.prompts) == 3
+    assert rec.prompts[0] == render_prompt([sys_turn, {"role": "user", "content": "Hi"}], tok)
+    assert len(rec.prompts[1]) > len(rec.prompts[0])  # the second turn sees the first
+    assert rec.prompts[2] == render_prompt([sys_turn, {"role": "user", "content": "Again"}], tok)
+    assert "conversation reset" in out.getvalue()
+
+
+def test_load_prompts_formats(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "x"}]}\n'
+                 '{"instruction": "c", "input": "d"}\n')
+    chats = load_prompts(str(f), system_prompt="S")
+    assert [c[-1]["content"] for c in chats] == ["a", "b", "c\n\nd"] and all(c[0]["content"] == "S" for c in chats)
+    assert len(load_prompts("builtin:eval_prompts", limit=2)) == 2
