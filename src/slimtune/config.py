@@ -158,7 +158,7 @@ class TrainCfg:
     """Optimizer steps. Empty: `epochs` passes over the data."""
     epochs: float = 1.0
     max_minutes: float | None = None
-    """Wall-clock cap: training stops and the adapter is saved when it is reached."""
+    """Wall-clock cap (setup included): training stops, evaluates once more and saves the adapter."""
     grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
     log_every: int = 1

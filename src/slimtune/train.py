@@ -150,6 +150,7 @@ def train(cfg: Config, log=print) -> dict:
     first_eval = evaluate(0) if ckpt is None else loop.get("first_eval", {})
     last_eval = first_eval
     train_timer = Timer(loop["train_s"])
+    resumed_s = loop["train_s"]  # time spent before a resume, for the wall-clock cap
     rows, batches = epoch_rows(data.train, cfg, loop["epoch"])
     step, last_logged = loop["step"], {}
     while step < total_steps and stopper.reason is None:
@@ -180,7 +181,7 @@ def train(cfg: Config, log=print) -> dict:
         ce_mean = ce * acc.num_processes / max(1, n_total)  # this process's share, scaled
         kl_mean = kl * acc.num_processes / max(1, n_total)
         loss = ce_mean + kl_lambda * kl_mean
-        stopper.after_step(step, loss, elapsed)
+        stopper.after_step(step, loss, timer() + resumed_s)  # the cap counts setup and evaluations too
         last_logged = {"step": step, "epoch": round(loop["epoch"] + loop["batch"] / max(1, len(batches)), 3),
                        "loss": loss, "ce": ce_mean, "kl": kl_mean if kl_lambda > 0 else None,
                        "kl_lambda": kl_lambda, "lr": lr, "grad_norm": grad_norm, "tokens": loop["tokens"],
