@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command != "data":
+            from .utils import quiet_libraries
+            quiet_libraries()
         args.func(args)
     except SlimtuneError as e:
         print(f"slimtune: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from .evaluate import heldout_metrics
 from .forward import batch_loss
 from .methods import PROMPT_METHODS, apply_method, trainable_report
 from .optim import make_optimizer, make_scheduler, set_mode
-from .utils import atomic_write_json, peak_rss_mb, seed_everything
+from .utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
 
 
 def check_config(cfg: Config) -> None:
@@ -65,7 +65,7 @@ def train(cfg: Config, log=print) -> dict:
     from .models import load_model, load_tokenizer, model_info, resolve_model
 
     check_config(cfg)
-    _quiet_libraries()
+    quiet_libraries()
     timer = Timer()
     tc = cfg.train
     if tc.num_threads:
@@ -225,15 +225,6 @@ def train(cfg: Config, log=print) -> dict:
         log(format_summary(summary))
     acc.wait_for_everyone()
     return summary
-
-
-def _quiet_libraries() -> None:
-    """Our progress line is the one to read: no per-tensor loading bars or deprecation noise."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def accumulate_grads(model, micro: list[list[dict]], n_total: int, pad_id: int, loss_cfg, kl_lambda: float,

@@ -79,3 +79,13 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quiet_libraries() -> None:
+    """Our own progress lines are the ones to read: no per-tensor loading bars, no deprecation
+    noise that PEFT triggers inside transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
