@@ -73,11 +73,8 @@ def add_data(sub):
 
 
 def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
-    from .data.formats import load_chats, load_chitchat
-    if spec.startswith("chitchat"):
-        n = spec.partition(":")[2]
-        return load_chitchat(int(n) if n else None, system_prompt)
-    return load_chats(spec, fmt, system_prompt)
+    from .data.prepare import read_chats
+    return read_chats(spec, fmt, system_prompt)
 
 
 def cmd_data_stats(args):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
-import torch
 from torch import nn
 
 from .config import MethodCfg
@@ -145,8 +144,3 @@ def trainable_report(model: nn.Module) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(1, total), 4)}
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Names and values of the trained parameters (what a checkpoint must keep)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -18,22 +18,22 @@ class Prepared:
     stats: dict = field(default_factory=dict)
 
 
-def read_train(spec: str, cfg: DataCfg, seed: int) -> list[Messages]:
+def read_chats(spec: str, fmt: str = "auto", system_prompt: str | None = None, seed: int = 0) -> list[Messages]:
     """One file, 'builtin:NAME', 'chitchat[:N]', or a weighted list 'a.jsonl:3,b.jsonl:1'."""
     if spec.startswith("chitchat"):
         from .formats import load_chitchat
         n = spec.partition(":")[2]
-        return load_chitchat(int(n) if n else None, cfg.system_prompt)
+        return load_chitchat(int(n) if n else None, system_prompt)
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if len(parts) == 1 and not parts[0].rpartition(":")[2].replace(".", "").isdigit():
-        return load_chats(parts[0], cfg.format, cfg.system_prompt)
-    return mix(parts, seed=seed, fmt=cfg.format, system_prompt=cfg.system_prompt, log=lambda *_: None)
+        return load_chats(parts[0], fmt, system_prompt)
+    return mix(parts, seed=seed, fmt=fmt, system_prompt=system_prompt, log=lambda *_: None)
 
 
 def prepare(cfg: DataCfg, tokenizer, seed: int = 0) -> Prepared:
     if not cfg.train:
         raise DataError("no training data: set data.train (a JSONL file, or builtin:instructions)")
-    chats = read_train(cfg.train, cfg, seed)
+    chats = read_chats(cfg.train, cfg.format, cfg.system_prompt, seed)
     if cfg.val:
         train_chats, val_chats = chats, load_chats(cfg.val, cfg.format, cfg.system_prompt)
     else:
