@@ -78,27 +78,31 @@ def batch_loss(model, batch: dict, cfg: LossCfg, kl_lambda: float = 0.0, normali
     evaluation passes `ref_cache` (a dict) and a `key` per batch: the base's hidden states at the
     selected positions are computed once and reused at every later evaluation.
     """
-    h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
-    weight, bias, softcap = output_layer(model)
     need_kl = kl_lambda > 0 or want_kl
     sel = targets != IGNORE
     kw = {}
     if need_kl:
         kmask = kl_positions(batch, targets, cfg)
         sel = sel | kmask
+        # The base runs first, while no autograd graph is held, so its activations never add to
+        # the tuned forward's peak.
         if ref_cache is not None and key in ref_cache:
             ref_sel = ref_cache[key]
         else:
             ref_sel = base_hidden(model, batch, ref_model)[:, :-1][sel]
             if ref_cache is not None:
                 ref_cache[key] = ref_sel
-        ref_w, ref_b, _ = output_layer(ref_model) if ref_model is not None else (weight, bias, None)
+        ref_w, ref_b, _ = output_layer(ref_model if ref_model is not None else model)
         kw = dict(ref_hidden=ref_sel, ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach(),
                   kl_mask=kmask[sel], kl_lambda=kl_lambda, temperature=cfg.kl_temperature,
                   direction=cfg.kl_direction, jsd_beta=cfg.jsd_beta)
+    h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
+    weight, bias, softcap = output_layer(model)
+    # KL holds about twice the (chunk, V) buffers of CE: halve the chunk to keep the same peak.
+    chunk = max(1, cfg.chunk_size // 2) if need_kl else cfg.chunk_size
     return chunked_loss(h[sel], weight, targets[sel], bias=bias, normaliser=normaliser,
-                        chunk_size=cfg.chunk_size, logit_softcap=softcap, **kw)
+                        chunk_size=chunk, logit_softcap=softcap, **kw)
 
 
 @torch.no_grad()
