@@ -8,6 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
+# Tiny models gain nothing from a second thread, and two threads fighting another process on a
+# 2-core machine made the suite 4-6x slower; subprocess tests inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import make_tokenizer, save_tiny  # noqa: E402
