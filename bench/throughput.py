@@ -40,9 +40,12 @@ SLIM = {  # "slimtune fastest" in the targets = the fastest of these (median tok
     "slim_default": [],
     "slim_packing": ["data.packing=true"],
     "slim_gc": ["train.gradient_checkpointing=true"],   # the memory-lean setting (TRL's default has it on)
+    "slim_whole": ["train.micro_batch_tokens=0"],       # whole 8-row batches: the default before the split
 }
 LEVERS = {  # --levers: one setting at a time against slimtune's default
     "slim_default": [],
+    "no_split": ["train.micro_batch_tokens=0"],
+    "split_2048": ["train.micro_batch_tokens=2048"],
     "no_grouping": ["data.group_by_length=false"],
     "packing": ["data.packing=true"],
     "chunk_256": ["loss.chunk_size=256"],
@@ -57,7 +60,7 @@ LEVERS = {  # --levers: one setting at a time against slimtune's default
 }
 DEFAULT_LEVERS = [k for k in LEVERS if k != "bf16"]
 ROUND = ["trl_default", "slim_default", "trl_packing", "slim_packing",
-         "trl_padding_free", "slim_gc", "trl_plain_loss", "slim_default"]
+         "trl_padding_free", "slim_gc", "trl_plain_loss", "slim_default", "slim_whole"]
 
 
 def slim_raw(spec: dict, run_dir: str) -> dict:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny import make_model, make_tokenizer
 
 from slimtune.config import LossCfg, MethodCfg, build_config
-from slimtune.data.batching import collate, count_trained, pack
+from slimtune.data.batching import collate, count_trained, pack, split_by_tokens
 from slimtune.data.render import IGNORE, render_chat
 from slimtune.forward import batch_loss, hidden_states
 from slimtune.methods import apply_method
@@ -181,3 +181,43 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
     cfg = build_config({}, run_args(tiny_dir, "x.jsonl", tmp_path / "run"))
     with pytest.raises(ConfigError, match="resume"):
         train(cfg)
+
+
+def test_split_by_tokens_bounds_padded_size_and_keeps_every_row(examples):
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    budget = 2 * lengths[-1]
+    pieces = split_by_tokens(examples, budget)
+    assert len(pieces) > 1
+    assert all(len(p) * max(len(r["input_ids"]) for r in p) <= budget for p in pieces)
+    assert sorted(id(r) for p in pieces for r in p) == sorted(id(r) for r in examples)
+    assert split_by_tokens(examples, len(examples) * lengths[-1]) == [examples]  # fits: unchanged
+    assert [len(p) for p in split_by_tokens(examples, 1)] == [1] * len(examples)  # one row at least
+
+
+@pytest.mark.parametrize("kl_lambda", [0.0, 0.1])
+def test_token_budget_pieces_give_the_whole_batch_gradient(tok, examples, kl_lambda):
+    n_total = count_trained(examples)
+    model = lora_model(tok)
+    ce8, kl8 = accumulate_grads(model, [examples], n_total, tok.pad_token_id, LossCfg(), kl_lambda)
+    g8 = grads(model)
+    model.zero_grad()
+    pieces = split_by_tokens(examples, 3 * max(len(e["input_ids"]) for e in examples))
+    assert 1 < len(pieces) < len(examples)
+    ce3, kl3 = accumulate_grads(model, pieces, n_total, tok.pad_token_id, LossCfg(), kl_lambda)
+    g3 = grads(model)
+    assert ce3 == pytest.approx(ce8, rel=1e-5) and kl3 == pytest.approx(kl8, rel=1e-4, abs=1e-7)
+    for n in g8:
+        torch.testing.assert_close(g3[n], g8[n], atol=1e-6, rtol=1e-4)
+
+
+def test_train_with_a_token_budget_matches_whole_batches(tiny_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    adapters = []
+    for name, budget in (("whole", 0), ("pieces", 64)):  # max_length 64: one row per piece
+        out = tmp_path / name
+        train(build_config({}, run_args(tiny_dir, data, out, **{"train.micro_batch_tokens": budget,
+                                                                 "train.max_steps": 3})), log=lambda *a: None)
+        adapters.append(load_file(str(out / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], atol=1e-5, rtol=1e-4)

@@ -151,9 +151,14 @@ class TrainCfg:
     min_lr_ratio: float = 0.0
     """The schedule ends at lr x min_lr_ratio."""
     batch_size: int = 8
-    """Examples (or packed rows) per micro-batch."""
+    """Examples (or packed rows) per batch; a step takes grad_accum batches on every process."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the loss is normalised by trained tokens over all of them."""
+    """Batches per optimizer step; the loss is normalised by trained tokens over all of them."""
+    micro_batch_tokens: int | None = None
+    """Run each batch in pieces of at most this many padded tokens (rows x longest row) and sum
+    their gradients: the same update, activation memory bounded by this instead of the batch.
+    Empty: 1024 on CPU (as fast as whole batches there, and 2-3x less memory: BENCHMARKS.md),
+    no split on GPU. 0: never split."""
     max_steps: int | None = None
     """Optimizer steps. Empty: `epochs` passes over the data."""
     epochs: float = 1.0
@@ -181,6 +186,8 @@ class TrainCfg:
     def __post_init__(self):
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
+            raise ConfigError(f"train.micro_batch_tokens must be >= 0 (0: never split), got {self.micro_batch_tokens}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if self.lr <= 0:

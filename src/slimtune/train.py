@@ -20,7 +20,7 @@ import torch
 from .callbacks import Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data.batching import collate, count_trained, length_grouped_batches, pack
+from .data.batching import collate, count_trained, length_grouped_batches, pack, split_by_tokens
 from .data.prepare import prepare
 from .errors import ConfigError
 from .evaluate import heldout_metrics
@@ -47,6 +47,18 @@ def _cpu_bf16() -> bool:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except Exception:
         return False
+
+
+def micro_budget(tc, device) -> int:
+    """Padded tokens per forward/backward piece (train.micro_batch_tokens; 0: whole batches).
+
+    On CPU a piece of 1024 tokens is as fast per token as a whole 8 x 512 batch (matmuls of 1024
+    rows keep the cores busy) and holds 2-3x less: the allocator reuses the same few buffers
+    instead of growing. On GPU whole batches keep the device full.
+    """
+    if tc.micro_batch_tokens is not None:
+        return tc.micro_batch_tokens or 1 << 62
+    return 1024 if torch.device(device).type == "cpu" else 1 << 62
 
 
 def epoch_rows(examples: list[dict], cfg: Config, epoch: int) -> tuple[list[dict], list[list[int]]]:
@@ -153,6 +165,7 @@ def train(cfg: Config, log=print) -> dict:
     resumed_s = loop["train_s"]  # time spent before a resume, for the wall-clock cap
     rows, batches = epoch_rows(data.train, cfg, loop["epoch"])
     step, last_logged = loop["step"], {}
+    budget = micro_budget(tc, acc.device)
     while step < total_steps and stopper.reason is None:
         # one optimizer step = grad_accum micro-batches on every process
         need = tc.grad_accum * acc.num_processes
@@ -163,7 +176,7 @@ def train(cfg: Config, log=print) -> dict:
         group = batches[loop["batch"]: loop["batch"] + need]
         loop["batch"] += need
         mine = group[acc.process_index::acc.num_processes]
-        micro = [[rows[i] for i in idx] for idx in mine]
+        micro = [piece for idx in mine for piece in split_by_tokens([rows[i] for i in idx], budget)]
         n_total = sum(count_trained([rows[i] for i in idx]) for idx in group)  # all processes
         kl_lambda = cfg.loss.kl_lambda * min(1.0, (step + 1) / cfg.loss.kl_warmup_steps) \
             if cfg.loss.kl_warmup_steps else cfg.loss.kl_lambda

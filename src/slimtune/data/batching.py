@@ -39,6 +39,26 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
+def split_by_tokens(rows: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Split one micro-batch into pieces whose padded size (rows x longest row) is at most
+    `max_tokens` (a piece always takes at least one row). Rows are sorted longest first, so the
+    pieces pad little. The pieces' gradients sum to the whole batch's (the loss is normalised by
+    the trained tokens of the whole step), so this bounds activation memory without changing the
+    update.
+    """
+    if len(rows) * max(len(r["input_ids"]) for r in rows) <= max_tokens:
+        return [rows]  # fits: the batch as it is
+    rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
+    out: list[list[dict]] = []
+    for r in rows:
+        # rows are longest first, so a piece's padded size is its first row's length x its rows
+        if out and len(out[-1][0]["input_ids"]) * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
 def pack(examples: list[dict], max_length: int, seed: int = 0) -> list[dict]:
     """First-fit-decreasing packing of shuffled examples into rows of at most max_length tokens.
 
