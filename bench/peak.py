@@ -141,13 +141,13 @@ def run(spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from slimtune.config import build_config
-    from slimtune.data.batching import collate, count_trained
+    from slimtune.data.batching import collate, count_trained, split_by_tokens
     from slimtune.data.prepare import prepare
     from slimtune.forward import hidden_states  # batch_loss = hidden_states + _loss_from_hidden
     from slimtune.methods import apply_method
     from slimtune.models import load_model, load_tokenizer
     from slimtune.optim import make_optimizer, make_scheduler
-    from slimtune.train import epoch_rows
+    from slimtune.train import epoch_rows, micro_budget
     from throughput import slim_raw
 
     cfg = build_config(slim_raw(spec, "/tmp/unused"), spec.get("overrides", []))
@@ -165,17 +165,21 @@ def run(spec: dict) -> dict:
     sched = make_scheduler(opt, cfg.train, spec["steps"], 0)
     pad = tok.pad_token_id
 
+    budget = micro_budget(cfg.train, "cpu")
+
     def step(idx, rf=None):
         rf = rf or (lambda name: nullcontext())
-        with rf(STAGES[0]):
-            mb = [rows[i] for i in idx]
-            batch, n = collate(mb, pad), count_trained(mb)
-        with rf(STAGES[1]):
-            h = hidden_states(model, batch)
-        with rf(STAGES[2]):
-            out = _loss_from_hidden(model, batch, h, cfg.loss, n)
-        with rf(STAGES[3]):
-            out.loss.backward()
+        mb = [rows[i] for i in idx]
+        n = count_trained(mb)
+        for piece in split_by_tokens(mb, budget):  # the default token budget per forward/backward
+            with rf(STAGES[0]):
+                batch = collate(piece, pad)
+            with rf(STAGES[1]):
+                h = hidden_states(model, batch)
+            with rf(STAGES[2]):
+                out = _loss_from_hidden(model, batch, h, cfg.loss, n)
+            with rf(STAGES[3]):
+                out.loss.backward()
         with rf(STAGES[4]):
             torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
             opt.step()
@@ -214,9 +218,12 @@ def _loss_from_hidden(model, batch, hidden, loss_cfg, normaliser):
 def summarise_profile(prof, wall: float) -> dict:
     """Seconds per stage (record_function ranges) and per op family (self time of aten ops)."""
     events = prof.events()
-    stages = {e.name: e for e in events if e.name in STAGES}
-    by_stage = {name: round(ev.cpu_time_total / 1e6, 3) for name, ev in stages.items()}
-    ranges = [(ev.time_range.start, ev.time_range.end, name) for name, ev in stages.items()]
+    stages = [e for e in events if e.name in STAGES]  # a stage runs once per piece of the batch
+    by_stage = defaultdict(float)
+    for ev in stages:
+        by_stage[ev.name] += ev.cpu_time_total / 1e6
+    by_stage = {k: round(v, 3) for k, v in by_stage.items()}
+    ranges = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in stages]
     fam = defaultdict(float)
     stage_fam = defaultdict(float)
     ops = defaultdict(lambda: [0.0, 0])
@@ -243,6 +250,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps before the profiled one")
     ap.add_argument("--overrides", default="", help="slimtune key=value overrides, comma separated")
     ap.add_argument("--threads", type=int, default=1, help="worker threads (0: torch's default); see throughput.py")
+    ap.add_argument("--name", default="peak", help="results file name")
     a = ap.parse_args()
     peak = measure_peak(a.threads)
     print(f"matmul peak: fp32 {peak['fp32']} GFLOP/s, 1 thread {peak['fp32_1thread']}; bf16 {peak['bf16']} GFLOP/s; model shapes fp32 "
@@ -268,7 +276,7 @@ def main() -> None:
         used = peak["peak_fp32_1thread"] if a.threads == 1 else peak["peak_fp32"]
         lines.append(report_model(m, r, used, max(peak["peak_fp32"], peak["peak_fp32_1thread"]), a.threads))
         print(lines[-1], flush=True)
-    common.save_results("peak", out, "\n".join(lines))
+    common.save_results(a.name, out, "\n".join(lines))
 
 
 def report_model(m: str, r: dict, peak: float, machine_peak: float, threads: int) -> str:

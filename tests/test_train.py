@@ -56,19 +56,23 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kl_lambda", [0.0, 0.1])
-def test_grad_accumulation_4x2_equals_one_batch_of_8(tok, examples, kl_lambda):
+def assert_pieces_give_the_whole_batch(tok, examples, pieces, kl_lambda):
+    """The losses and gradients of `pieces` accumulated equal those of `examples` in one batch."""
     n_total = count_trained(examples)
     model = lora_model(tok)
     ce8, kl8 = accumulate_grads(model, [examples], n_total, tok.pad_token_id, LossCfg(), kl_lambda)
     g8 = grads(model)
     model.zero_grad()
-    ce2, kl2 = accumulate_grads(model, [examples[i:i + 2] for i in range(0, 8, 2)], n_total,
-                                tok.pad_token_id, LossCfg(), kl_lambda)
+    ce2, kl2 = accumulate_grads(model, pieces, n_total, tok.pad_token_id, LossCfg(), kl_lambda)
     g2 = grads(model)
     assert ce2 == pytest.approx(ce8, rel=1e-5) and kl2 == pytest.approx(kl8, rel=1e-4, abs=1e-7)
     for n in g8:
         torch.testing.assert_close(g2[n], g8[n], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl_lambda", [0.0, 0.1])
+def test_grad_accumulation_4x2_equals_one_batch_of_8(tok, examples, kl_lambda):
+    assert_pieces_give_the_whole_batch(tok, examples, [examples[i:i + 2] for i in range(0, 8, 2)], kl_lambda)
 
 
 def per_example_ce(model, batch, starts_ends, weight):
@@ -196,18 +200,9 @@ def test_split_by_tokens_bounds_padded_size_and_keeps_every_row(examples):
 
 @pytest.mark.parametrize("kl_lambda", [0.0, 0.1])
 def test_token_budget_pieces_give_the_whole_batch_gradient(tok, examples, kl_lambda):
-    n_total = count_trained(examples)
-    model = lora_model(tok)
-    ce8, kl8 = accumulate_grads(model, [examples], n_total, tok.pad_token_id, LossCfg(), kl_lambda)
-    g8 = grads(model)
-    model.zero_grad()
     pieces = split_by_tokens(examples, 3 * max(len(e["input_ids"]) for e in examples))
     assert 1 < len(pieces) < len(examples)
-    ce3, kl3 = accumulate_grads(model, pieces, n_total, tok.pad_token_id, LossCfg(), kl_lambda)
-    g3 = grads(model)
-    assert ce3 == pytest.approx(ce8, rel=1e-5) and kl3 == pytest.approx(kl8, rel=1e-4, abs=1e-7)
-    for n in g8:
-        torch.testing.assert_close(g3[n], g8[n], atol=1e-6, rtol=1e-4)
+    assert_pieces_give_the_whole_batch(tok, examples, pieces, kl_lambda)
 
 
 def test_train_with_a_token_budget_matches_whole_batches(tiny_dir, tmp_path):
