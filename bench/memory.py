@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,13 @@ VARIANTS = {  # name: (micro_batch_tokens, gradient checkpointing)
 
 def setup(gc: bool):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from slimtune.config import MethodCfg
     from slimtune.methods import apply_method
-    from slimtune.models import resolve_model
+    from slimtune.models import load_model, resolve_model
 
     path = resolve_model("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = load_model(path)  # fp32, sdpa: what training uses
     model = apply_method(model, MethodCfg(name="lora", r=common.LORA["r"], alpha=common.LORA["alpha"],
                                           targets="attn"), path, gc)
     model.train()
@@ -99,7 +97,7 @@ def variant(spec: dict) -> dict:
     budget, gc = VARIANTS[spec["variant"]]
     model, rows = setup(gc)
     loaded = common.peak_rss_mb()
-    pieces = split_by_tokens(rows, budget) if budget else [rows]
+    pieces = split_by_tokens(rows, budget)
     n = count_trained(rows)
     out = {"loaded_rss_mb": round(loaded), "pieces": len(pieces), "step_s": [], "rss_mb": []}
     for _ in range(spec["steps"]):

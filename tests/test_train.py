@@ -195,6 +195,7 @@ def test_split_by_tokens_bounds_padded_size_and_keeps_every_row(examples):
     assert all(len(p) * max(len(r["input_ids"]) for r in p) <= budget for p in pieces)
     assert sorted(id(r) for p in pieces for r in p) == sorted(id(r) for r in examples)
     assert split_by_tokens(examples, len(examples) * lengths[-1]) == [examples]  # fits: unchanged
+    assert split_by_tokens(examples, 0) == [examples]  # 0: never split
     assert [len(p) for p in split_by_tokens(examples, 1)] == [1] * len(examples)  # one row at least
 
 

@@ -57,8 +57,8 @@ def micro_budget(tc, device) -> int:
     instead of growing. On GPU whole batches keep the device full.
     """
     if tc.micro_batch_tokens is not None:
-        return tc.micro_batch_tokens or 1 << 62
-    return 1024 if torch.device(device).type == "cpu" else 1 << 62
+        return tc.micro_batch_tokens
+    return 1024 if torch.device(device).type == "cpu" else 0
 
 
 def epoch_rows(examples: list[dict], cfg: Config, epoch: int) -> tuple[list[dict], list[list[int]]]:

@@ -40,14 +40,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
 
 
 def split_by_tokens(rows: list[dict], max_tokens: int) -> list[list[dict]]:
-    """Split one micro-batch into pieces whose padded size (rows x longest row) is at most
-    `max_tokens` (a piece always takes at least one row). Rows are sorted longest first, so the
-    pieces pad little. The pieces' gradients sum to the whole batch's (the loss is normalised by
+    """Split one batch into pieces whose padded size (rows x longest row) is at most `max_tokens`
+    (a piece always takes at least one row; 0: never split). Rows are sorted longest first, so
+    the pieces pad little. The pieces' gradients sum to the whole batch's (the loss is normalised by
     the trained tokens of the whole step), so this bounds activation memory without changing the
     update.
     """
-    if len(rows) * max(len(r["input_ids"]) for r in rows) <= max_tokens:
-        return [rows]  # fits: the batch as it is
+    if not max_tokens or len(rows) * max(len(r["input_ids"]) for r in rows) <= max_tokens:
+        return [rows]  # no budget, or it fits: the batch as it is
     rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
     out: list[list[dict]] = []
     for r in rows:
