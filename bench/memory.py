@@ -60,7 +60,7 @@ def account(spec: dict) -> dict:
 
     from slimtune.config import LossCfg
     from slimtune.data.batching import collate
-    from slimtune.forward import batch_loss
+    from slimtune.train.forward import batch_loss
 
     model, rows = setup(False)
     batch = collate(rows[:2], 0)
@@ -92,7 +92,7 @@ def account(spec: dict) -> dict:
 def variant(spec: dict) -> dict:
     from slimtune.config import LossCfg
     from slimtune.data.batching import count_trained, split_by_tokens
-    from slimtune.train import accumulate_grads
+    from slimtune.train.loop import accumulate_grads
 
     budget, gc = VARIANTS[spec["variant"]]
     model, rows = setup(gc)

@@ -143,11 +143,11 @@ def run(spec: dict) -> dict:
     from slimtune.config import build_config
     from slimtune.data.batching import collate, count_trained, split_by_tokens
     from slimtune.data.prepare import prepare
-    from slimtune.forward import hidden_states  # batch_loss = hidden_states + _loss_from_hidden
+    from slimtune.train.forward import hidden_states  # batch_loss = hidden_states + _loss_from_hidden
     from slimtune.methods import apply_method
     from slimtune.models import load_model, load_tokenizer
-    from slimtune.optim import make_optimizer, make_scheduler
-    from slimtune.train import epoch_rows, micro_budget
+    from slimtune.train.optim import make_optimizer, make_scheduler
+    from slimtune.train.loop import epoch_rows, micro_budget
     from throughput import slim_raw
 
     cfg = build_config(slim_raw(spec, "/tmp/unused"), spec.get("overrides", []))
@@ -204,7 +204,7 @@ def run(spec: dict) -> dict:
 
 
 def _loss_from_hidden(model, batch, hidden, loss_cfg, normaliser):
-    from slimtune.forward import output_layer
+    from slimtune.train.forward import output_layer
     from slimtune.losses import chunked_loss
 
     h = hidden[:, :-1]

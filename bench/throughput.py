@@ -85,7 +85,7 @@ def proto_no_pad_mask() -> None:
     after it (and positions are 0..T-1 either way), so real positions get the same hidden states,
     while sdpa takes its is_causal path instead of a (B, 1, T, T) masked one. The mask stays in
     the batch for kl_positions."""
-    import slimtune.forward as fw
+    import slimtune.train.forward as fw
 
     original = fw.hidden_states
 
@@ -99,7 +99,7 @@ PROTOS = {"no_pad_mask": proto_no_pad_mask}
 
 
 def run_slimtune(spec: dict) -> dict:
-    import slimtune.train as st
+    import slimtune.train.loop as st
     from slimtune.config import build_config
 
     overrides = [o for o in spec["overrides"] if not o.startswith("proto=")]
@@ -225,7 +225,7 @@ def slim_batches(data: dict, steps: int, model_dir: str = "smollm2-135m") -> lis
     from slimtune.config import build_config
     from slimtune.data.prepare import prepare
     from slimtune.models import load_tokenizer
-    from slimtune.train import epoch_rows
+    from slimtune.train.loop import epoch_rows
 
     cfg = build_config(slim_raw({"model_dir": model_dir, "data": data, "steps": steps}, "/tmp/unused"))
     prepared = prepare(cfg.data, load_tokenizer(model_dir), cfg.train.seed)

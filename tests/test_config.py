@@ -8,7 +8,7 @@ import yaml
 
 from slimtune.config import Config, build_config, load_config
 from slimtune.errors import ConfigError
-from slimtune.train import check_config
+from slimtune.train.loop import check_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -6,9 +6,9 @@ import pytest
 from test_run import make_run
 
 from slimtune.config import build_config
-from slimtune.evalrun import evaluate_run, format_table
-from slimtune.style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
-from slimtune.train import train
+from slimtune.evaluate.suite import evaluate_run, format_table
+from slimtune.evaluate.style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
+from slimtune.train.loop import train
 
 STYLE_FIELDS = {"answers", "list_share", "heading_share", "code_block_share", "banned_share", "banned_hits",
                 "banned_by_phrase", "stray_tag_share", "stray_tags", "mean_tokens", "ended_share", "tokens_per_s"}
@@ -23,7 +23,7 @@ def write_chats(path, n=12):
 
 
 def tiny_train(tmp_path, base_dir, method="lora"):
-    """A real (2-step) run folder from slimtune.train."""
+    """A real (2-step) run folder from slimtune.train.loop."""
     cfg = build_config({"model": {"name": base_dir},
                         "data": {"train": write_chats(tmp_path / "train.jsonl"), "max_length": 64},
                         "method": {"name": method},

@@ -9,7 +9,7 @@ from tiny import make_model
 
 from slimtune.config import MethodCfg
 from slimtune.data.render import render_chat
-from slimtune.evaluate import heldout_metrics
+from slimtune.evaluate.heldout import heldout_metrics
 from slimtune.methods import apply_method
 
 
@@ -25,7 +25,7 @@ def test_metrics_and_base_cache(tokenizer, monkeypatch):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    import slimtune.forward as fw
+    import slimtune.train.forward as fw
     calls = []
     real = fw.base_hidden
     monkeypatch.setattr(fw, "base_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -10,7 +10,7 @@ from tiny import make_model, make_tokenizer
 from slimtune.data.render import render_chat, render_prompt
 from slimtune.generate import chat_loop, generate, load_prompts, stop_ids
 from slimtune.methods import adapters_disabled
-from slimtune.run import load_run
+from slimtune.runfolder import load_run
 
 CHAT = [{"role": "user", "content": "Hello there"}]
 

@@ -9,8 +9,8 @@ from test_run import make_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimtune.errors import SlimtuneError
-from slimtune.merge import merge_run
-from slimtune.run import load_run
+from slimtune.ship.merge import merge_run
+from slimtune.runfolder import load_run
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])

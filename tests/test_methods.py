@@ -10,7 +10,7 @@ from slimtune.config import LossCfg, MethodCfg
 from slimtune.data.batching import collate
 from slimtune.data.render import render_chat
 from slimtune.errors import ConfigError
-from slimtune.forward import batch_loss, hidden_states
+from slimtune.train.forward import batch_loss, hidden_states
 from slimtune.methods import adapters_disabled, apply_method, parse_layers, target_modules, trainable_report
 
 CHATS = [[{"role": "user", "content": "What is the capital of France?"},

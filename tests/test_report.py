@@ -6,9 +6,9 @@ import re
 import pytest
 from test_evalrun import tiny_train
 
-from slimtune.compare import compare_runs, to_markdown, to_terminal
+from slimtune.evaluate.compare import compare_runs, to_markdown, to_terminal
 from slimtune.errors import SlimtuneError
-from slimtune.report import make_report
+from slimtune.evaluate.report import make_report
 
 
 @pytest.fixture(scope="module")

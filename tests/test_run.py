@@ -6,7 +6,7 @@ import torch
 from slimtune.config import Config, MethodCfg, ModelCfg
 from slimtune.errors import SlimtuneError
 from slimtune.methods import adapters_disabled, peft_config
-from slimtune.run import load_run, read_config, run_kind
+from slimtune.runfolder import load_run, read_config, run_kind
 
 
 def make_run(tmp_path, base_dir: str, method: str = "lora", seed: int = 1, scale: float = 0.2) -> str:

@@ -14,9 +14,9 @@ from tiny import make_model, make_tokenizer
 from slimtune.config import LossCfg, MethodCfg, build_config
 from slimtune.data.batching import collate, count_trained, pack, split_by_tokens
 from slimtune.data.render import IGNORE, render_chat
-from slimtune.forward import batch_loss, hidden_states
+from slimtune.train.forward import batch_loss, hidden_states
 from slimtune.methods import apply_method
-from slimtune.train import accumulate_grads, train
+from slimtune.train.loop import accumulate_grads, train
 
 WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank joke".split()
 

@@ -25,7 +25,7 @@ def add_train(sub):
 
 def cmd_train(args):
     from .config import load_config
-    from .train import train
+    from .train.loop import train
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -139,7 +139,7 @@ def add_eval(sub):
 
 
 def cmd_eval(args):
-    from .evalrun import evaluate_run, format_table
+    from .evaluate.suite import evaluate_run, format_table
 
     res = evaluate_run(args.run, data=args.data, prompts=args.prompts, out=args.out, max_prompts=args.max_prompts,
                        max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype)
@@ -162,7 +162,7 @@ def add_compare(sub):
 
 
 def cmd_compare(args):
-    from .compare import compare_runs, to_terminal
+    from .evaluate.compare import compare_runs, to_terminal
 
     res = compare_runs(args.runs, prompts=args.prompts, max_prompts=args.max_prompts or None,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -186,7 +186,7 @@ def add_chat(sub):
 
 def cmd_chat(args):
     from .generate import Streamer, chat_loop, generate
-    from .run import load_run
+    from .runfolder import load_run
 
     model, tok, cfg = load_run(args.target, args.dtype)
     system = args.system if args.system is not None else cfg.data.system_prompt
@@ -216,7 +216,7 @@ def add_merge(sub):
 
 
 def cmd_merge(args):
-    from .merge import merge_run
+    from .ship.merge import merge_run
 
     merge_run(args.run, args.out, args.dtype)
 
@@ -233,7 +233,7 @@ def add_report(sub):
 
 
 def cmd_report(args):
-    from .report import make_report
+    from .evaluate.report import make_report
 
     print(make_report(args.run, args.out, args.samples, args.max_new_tokens))
 

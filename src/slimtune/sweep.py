@@ -58,7 +58,7 @@ def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
 
 
 def sweep(path: str | Path, log=print, extra: list[str] = ()) -> list[dict]:
-    from .train import train
+    from .train.loop import train
 
     base, grid, out = load_sweep(path)
     combos = grid_runs(grid) if grid else [{}]

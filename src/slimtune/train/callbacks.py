@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import TrainCfg
+from ..config import TrainCfg
 
 LOG_FIELDS = ["step", "epoch", "loss", "ce", "kl", "kl_lambda", "lr", "grad_norm", "tokens", "tokens_per_s",
               "elapsed_s", "eval_loss", "eval_ppl", "eval_kl", "general_kl"]

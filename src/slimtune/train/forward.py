@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import LossCfg
-from .data.render import IGNORE
-from .losses import LossOut, chunked_loss
-from .methods import adapters_disabled, base_of
+from ..config import LossCfg
+from ..data.render import IGNORE
+from ..losses import LossOut, chunked_loss
+from ..methods import adapters_disabled, base_of
 
 
 def decoder_of(model):

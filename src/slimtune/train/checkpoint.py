@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import atomic_dir, atomic_write_text
+from ..utils import atomic_dir, atomic_write_text
 
 
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

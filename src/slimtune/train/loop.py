@@ -19,15 +19,15 @@ import torch
 
 from .callbacks import Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config
-from .data.batching import collate, count_trained, length_grouped_batches, pack, split_by_tokens
-from .data.prepare import prepare
-from .errors import ConfigError
-from .evaluate import heldout_metrics
+from ..config import Config
+from ..data.batching import collate, count_trained, length_grouped_batches, pack, split_by_tokens
+from ..data.prepare import prepare
+from ..errors import ConfigError
+from ..evaluate.heldout import heldout_metrics
 from .forward import batch_loss
-from .methods import PROMPT_METHODS, apply_method, trainable_report
+from ..methods import PROMPT_METHODS, apply_method, trainable_report
 from .optim import make_optimizer, make_scheduler, set_mode
-from .utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
+from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
 
 
 def check_config(cfg: Config) -> None:
@@ -74,7 +74,7 @@ def train(cfg: Config, log=print) -> dict:
     """Run a training job; returns the summary (also written to RUN/summary.json)."""
     from accelerate import Accelerator
 
-    from .models import load_model, load_tokenizer, model_info, resolve_model
+    from ..models import load_model, load_tokenizer, model_info, resolve_model
 
     check_config(cfg)
     quiet_libraries()

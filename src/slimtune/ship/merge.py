@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from .errors import SlimtuneError
-from .methods import PROMPT_METHODS
+from ..errors import SlimtuneError
+from ..methods import PROMPT_METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parity_inputs(tokenizer, system_prompt: str | None = None, n: int = 3) -> list[list[int]]:
     """Token ids of a few eval prompts (with the assistant header) and one whole training chat."""
-    from .data.formats import builtin_path, load_chats
-    from .data.render import render_chat, render_prompt
-    from .generate import load_prompts
+    from ..data.formats import builtin_path, load_chats
+    from ..data.render import render_chat, render_prompt
+    from ..generate import load_prompts
 
     ids = [render_prompt(c, tokenizer) for c in load_prompts("builtin:eval_prompts", n, system_prompt)]
     chat = load_chats(builtin_path("instructions"))[0]
@@ -52,7 +52,7 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     dtype: float32 | bfloat16 | float16 for the saved weights (default: the run's model.dtype,
     float32 for 'auto'). The merge itself runs in float32 (bf16 for a QLoRA base).
     """
-    from .run import load_run, read_config, run_kind
+    from ..runfolder import load_run, read_config, run_kind
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     kind = run_kind(run)
@@ -105,7 +105,7 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
 
 
 def _save(model, tokenizer, out: str, run: str, cfg, dtype: str) -> None:
-    from .utils import atomic_dir
+    from ..utils import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -125,8 +125,8 @@ def _merge_4bit(run: str, cfg, log):
                             "and de-quantised to bf16 before merging")
     import peft
 
-    from .models import load_tokenizer
-    from .run import load_base, load_run
+    from ..models import load_tokenizer
+    from ..runfolder import load_base, load_run
 
     model, tokenizer, _ = load_run(run, "bfloat16", "cuda")  # 4-bit base + adapter, as trained
     inputs = parity_inputs(tokenizer, cfg.data.system_prompt)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .config import TrainCfg
-from .errors import ConfigError
+from ..config import TrainCfg
+from ..errors import ConfigError
 
 
 def make_optimizer(params, cfg: TrainCfg, total_steps: int, warmup: int) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ import textwrap
 from itertools import zip_longest
 from pathlib import Path
 
-from .utils import atomic_write_json, atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text
 
 MODES = ("greedy", "sampled")
 
@@ -28,9 +28,9 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
     rows: [{prompt, greedy: {label: text}, sampled: {label: text}}]}. Writes `out`
     (default RUN/compare.md of the first run) and the same stem with .json.
     """
-    from .evalrun import PROMPTS
-    from .generate import last_user, load_prompts
-    from .run import as_base, base_reference, load_run, run_kind
+    from .suite import PROMPTS
+    from ..generate import last_user, load_prompts
+    from ..runfolder import as_base, base_reference, load_run, run_kind
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     prompts = prompts or PROMPTS
@@ -67,7 +67,7 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
 
 def _answer(model, tokenizer, chats, max_new_tokens, temperature, seed) -> list[dict]:
     """[{greedy: text, sampled: text}] per chat; prompt i samples with seed + i."""
-    from .generate import generate
+    from ..generate import generate
 
     return [{mode: generate(model, tokenizer, c, max_new_tokens, temperature if mode == "sampled" else 0.0,
                             seed=seed + i)["text"] for mode in MODES} for i, c in enumerate(chats)]

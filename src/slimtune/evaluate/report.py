@@ -84,9 +84,9 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
         return json.loads(eval_json.read_text()).get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
-    from .evalrun import PROMPTS, answer_all
-    from .generate import last_user, load_prompts
-    from .run import as_base, base_reference, load_run
+    from .suite import PROMPTS, answer_all
+    from ..generate import last_user, load_prompts
+    from ..runfolder import as_base, base_reference, load_run
 
     log(f"generating {n} base-vs-tuned samples (run slimtune compare for more) ...")
     model, tok, cfg = load_run(run)
@@ -102,7 +102,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
 def make_report(run: str, out: str | None = None, samples: int = 3, max_new_tokens: int | None = None,
                 log=None) -> Path:
     """Write RUN/plots/*.png and the HTML report (default RUN/report.html); returns its path."""
-    from .errors import SlimtuneError
+    from ..errors import SlimtuneError
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     run_p = Path(run)
@@ -116,7 +116,7 @@ def make_report(run: str, out: str | None = None, samples: int = 3, max_new_toke
     page = render_html(run_p, (run_p / "config.yaml").read_text(), summary, ev, times, data_stats, plots,
                        sample_rows, sample_src)
     path = Path(out) if out else run_p / "report.html"
-    from .utils import atomic_write_text
+    from ..utils import atomic_write_text
 
     atomic_write_text(path, page)
     log(f"wrote {path} and {len(plots)} plots in {run_p / 'plots'}")
@@ -188,7 +188,7 @@ def _cards(summary: dict | None, times: dict | None) -> str:
 def _eval_table(ev: dict | None) -> str:
     if not ev:
         return "<p class='muted'>No eval.json yet: run <code>slimtune eval RUN</code> for base-vs-tuned metrics.</p>"
-    from .evalrun import table_rows
+    from .suite import table_rows
 
     g = ev["generation"]
     rows = "".join(f"<tr><td>{_e(label)}</td><td class='n'>{_e(b)}</td><td class='n'>{_e(t)}</td></tr>"

@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from .config import LossCfg
-from .data.batching import collate, length_grouped_batches
-from .forward import batch_loss
+from ..config import LossCfg
+from ..data.batching import collate, length_grouped_batches
+from ..train.forward import batch_loss
 
 
 @torch.inference_mode()

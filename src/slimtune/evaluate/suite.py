@@ -13,17 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import SlimtuneError
-from .utils import atomic_write_json
+from ..errors import SlimtuneError
+from ..utils import atomic_write_json
 
 PROMPTS = "builtin:eval_prompts"
 
 
 def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict], list[dict], str]:
     """(held-out examples, general-prompt examples, where the held-out set came from)."""
-    from .data.formats import load_chats
-    from .data.prepare import prepare
-    from .data.tools import render_all
+    from ..data.formats import load_chats
+    from ..data.prepare import prepare
+    from ..data.tools import render_all
 
     kw = dict(train_on=cfg.data.train_on, max_length=cfg.data.max_length)
     general = []
@@ -43,7 +43,7 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
 
 def answer_all(model, tokenizer, chats: list, max_new_tokens: int, label: str = "") -> list[dict]:
     """Greedy answers to each chat (see generate.generate); a counter on stderr when `label`."""
-    from .generate import generate
+    from ..generate import generate
 
     out = []
     for i, chat in enumerate(chats):
@@ -61,9 +61,9 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
 
     Progress goes to `log` (default: stderr); `format_table(result)` is the readable table.
     """
-    from .evaluate import heldout_metrics
-    from .generate import last_user, load_prompts
-    from .run import as_base, base_reference, load_run, run_kind
+    from .heldout import heldout_metrics
+    from ..generate import last_user, load_prompts
+    from ..runfolder import as_base, base_reference, load_run, run_kind
     from .style import style_metrics
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))

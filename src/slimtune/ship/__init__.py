@@ -1,0 +1,1 @@
+"""Shipping a tuned model: merge into a standalone checkpoint (`merge`), export to GGUF."""

@@ -1,0 +1,1 @@
+"""Training: the one loop (`loop.train`), its objectives, optimizers, callbacks and checkpoints."""
