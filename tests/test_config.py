@@ -8,7 +8,7 @@ import yaml
 
 from slimtune.config import Config, build_config, load_config
 from slimtune.errors import ConfigError
-from slimtune.train.loop import check_config
+from slimtune.train.loop import check_machine
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -22,9 +22,9 @@ def test_every_shipped_config_loads(path):
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
     if cfg.method.name == "qlora" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
-            check_config(cfg)
+            check_machine(cfg)
     else:
-        check_config(cfg)
+        check_machine(cfg)
 
 
 def test_overrides_and_types():
@@ -39,7 +39,7 @@ def test_overrides_and_types():
 @pytest.mark.parametrize("override, match", [
     ("train.optimzer=adamw", "unknown key 'train.optimzer'; valid keys: output_dir"),
     ("train.optimizer=sgd", "choose one of: adamw, adafactor, lion, schedulefree"),
-    ("method.name=lokr", "choose one of: lora, dora"),
+    ("method.name=lokr", "choose one of: lora, rslora, dora"),
     ("train.lr=fast", "train.lr"),
     ("train.max_steps=2.5", "expected an integer"),
     ("data.packing=maybe", "true or false"),
