@@ -32,6 +32,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass
@@ -210,8 +213,22 @@ class TrainCfg:
     """Print the live progress line."""
     num_threads: int | None = None
     """torch CPU threads. Empty: torch's default."""
+    device: str = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda, mps."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 autocast for forward and loss; trained weights and optimizer state stay
+    fp32 (needs model.dtype=float32); fp16 scales the loss and skips steps whose gradients overflow."""
+    fsdp: bool = False
+    """Under a multi-process launch: shard weights, gradients and optimizer state over the
+    processes (FSDP2, one unit per decoder layer) instead of replicating them (DDP)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: tensorboard (local files in RUN/tb), wandb, mlflow, trackio. Empty: none."""
 
     def __post_init__(self):
+        _choice("train.device", self.device, DEVICES)
+        _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for t in self.report_to:
+            _choice("train.report_to", t, TRACKERS)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
