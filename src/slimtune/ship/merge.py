@@ -7,7 +7,7 @@ Parity check: logits of the adapter model and of DIR reloaded with plain transfo
 prompts rendered with the training template; the max absolute difference is printed (about 1e-5
 in fp32; bf16 rounding shows as ~1e-2). LoRA / rsLoRA / DoRA / IA3 merge; prompt and prefix
 tuning add positions rather than change weights, so they cannot. A QLoRA base is de-quantised
-to bf16 on CUDA, then the adapter is merged into it.
+(float32 on CPU, bf16 on CUDA), then the adapter is merged into it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     """Merge the run's adapter into its base and save it to `out`; returns {out, dtype, parity...}.
 
     dtype: float32 | bfloat16 | float16 for the saved weights (default: the run's model.dtype,
-    float32 for 'auto'). The merge itself runs in float32 (bf16 for a QLoRA base).
+    float32 for 'auto'). The merge itself runs in float32 (bf16 for a QLoRA base on CUDA).
     """
     from ..runfolder import load_run, read_config, run_kind
 
@@ -119,21 +119,22 @@ def _save(model, tokenizer, out: str, run: str, cfg, dtype: str) -> None:
 
 def _merge_4bit(run: str, cfg, log):
     """QLoRA: the adapter was trained on NF4 weights, so merge it into those weights de-quantised
-    to bf16 (not into the original bf16 checkpoint, which differs by the quantisation error)."""
-    if not torch.cuda.is_available():
-        raise SlimtuneError("merging a QLoRA run needs CUDA: its base is loaded in 4 bits (bitsandbytes) "
-                            "and de-quantised to bf16 before merging")
+    (not into the original checkpoint, which differs by the quantisation error). On CPU the
+    de-quantised base is float32, on CUDA bf16 (the compute dtypes of machine.four_bit_support)."""
     import peft
 
+    from ..machine import four_bit_support
     from ..models import load_tokenizer
     from ..runfolder import load_base, load_run
 
-    model, tokenizer, _ = load_run(run, "bfloat16", "cuda")  # 4-bit base + adapter, as trained
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute = four_bit_support(device)  # SlimtuneError where bitsandbytes cannot run
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[compute]
+    model, tokenizer, _ = load_run(run, dtype, device)  # 4-bit base + adapter, as trained
     inputs = parity_inputs(tokenizer, cfg.data.system_prompt)
     reference = all_logits(model, inputs)
     del model
-    torch.cuda.empty_cache()
-    log(f"de-quantising the 4-bit base {cfg.model.name} to bf16 and merging the adapter ...")
-    base = load_base(cfg, "bfloat16", "cuda").dequantize(dtype=torch.bfloat16).to(torch.bfloat16)
+    log(f"de-quantising the 4-bit base {cfg.model.name} to {dtype} and merging the adapter ...")
+    base = load_base(cfg, dtype, device).dequantize(dtype=compute).to(compute)
     merged = peft.PeftModel.from_pretrained(base, run).merge_and_unload()
     return merged, load_tokenizer(run), reference, inputs
