@@ -77,14 +77,17 @@ class Precision:
 
 
 def check_precision(mode: str, device: str, weights_dtype: str) -> None:
-    """Refuse combinations that cannot work, before any model loads."""
+    """Refuse combinations that cannot work, before any model loads; warn about slow ones."""
     from ..machine import bf16_supported
 
-    if mode == "bf16" and not bf16_supported(device):
-        kind = str(device).split(":")[0]
-        raise ConfigError(f"train.mixed_precision=bf16: this {kind} has no bf16 support (older GPUs, MPS before "
-                          "macOS 14); use train.mixed_precision=fp16 or no")
     if mode != "no" and weights_dtype in ("bfloat16", "float16"):
         raise ConfigError(f"train.mixed_precision={mode} with model.dtype={weights_dtype}: autocast is for "
                           "float32 weights; set model.dtype=float32 (trained weights stay fp32) or "
                           "train.mixed_precision=no")
+    kind = str(device).split(":")[0]
+    if mode == "bf16" and not bf16_supported(device):
+        if kind != "cpu":
+            raise ConfigError(f"train.mixed_precision=bf16: this {kind} has no bf16 support (GPUs before "
+                              "Ampere, MPS before macOS 14); use train.mixed_precision=fp16 or no")
+        print("warning: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast is emulated and "
+              "slower than float32", file=sys.stderr)
