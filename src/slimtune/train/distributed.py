@@ -72,6 +72,13 @@ def shard(model, acc, log=print):
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=replicated_params(model))
+    # FSDP allocates its gather buffers on the first forward; evaluation runs under inference_mode,
+    # whose tensors training could not write into later, so the first forward happens here.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=acc.device), use_cache=False)
+    # A forward without backward leaves the root's weights gathered, and model.parameters() would
+    # then hand the optimizer the gathered copies instead of the shards it must update.
+    model.reshard()
     if acc.is_main_process:
         log(f"FSDP2: {len(layers)} decoder layers + the rest sharded over {acc.num_processes} processes; "
             "embedding and LM head replicated")
@@ -127,6 +134,7 @@ def gathered(s):
     model = s.acc.unwrap_model(s.model)
     if not is_sharded(s.model):
         return model, s.optimizer
+    s.model.reshard()  # the root's shards, not a copy gathered by an evaluation forward
     named = []
     for n, p in model.named_parameters():
         if p.requires_grad:
