@@ -77,11 +77,13 @@ def test_refusals(monkeypatch):
         build_config({}, ["train.mixed_precision=fp8"])
 
 
-def test_loop_trains_under_bf16_autocast(tiny_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_loop_trains_under_autocast(tiny_dir, tmp_path, mode):
     data = write_data(tmp_path / "d.jsonl")
     summary = train(build_config({}, run_args(tiny_dir, data, tmp_path / "run", **{
-        "train.mixed_precision": "bf16", "train.max_steps": 3})), log=lambda *a: None)
+        "train.mixed_precision": mode, "train.max_steps": 3})), log=lambda *a: None)
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert ("skipped_steps" in summary["last_train"]) == (mode == "fp16")
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).values())

@@ -1,4 +1,4 @@
-"""Which device trains, and what that device can do: 4-bit bases, bf16, pinned memory.
+"""Which device trains, and what that device can do: 4-bit bases, bf16, MPS fallbacks.
 
     pick_device("auto")  -> "cuda" if a CUDA GPU, else "mps" (Apple silicon), else "cpu"
     four_bit_support(d)  -> the compute dtype bitsandbytes NF4 runs in on d (float32 on CPU,
@@ -7,6 +7,8 @@
 
 Every check asks the machine (torch's availability flags, one tiny bitsandbytes quantisation),
 never a table of device names, so a newer bitsandbytes that learns a device needs no change here.
+Batches reach the device with a plain `.to(device)`: nothing pins host memory (which MPS, sharing
+memory with the CPU, has no use for).
 """
 
 from __future__ import annotations
@@ -49,11 +51,6 @@ def prepare_mps() -> None:
         os.environ["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
         print("note: MPS: operators MPS does not implement fall back to the CPU "
               "(PYTORCH_ENABLE_MPS_FALLBACK=1); they are slower there", file=sys.stderr)
-
-
-def pin_memory(device: str) -> bool:
-    """Pinned host memory speeds host-to-GPU copies on CUDA only (MPS shares memory; CPU needs none)."""
-    return str(device).startswith("cuda")
 
 
 def bf16_supported(device: str) -> bool:
