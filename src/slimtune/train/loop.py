@@ -43,10 +43,12 @@ from .precision import Precision, check_precision
 from .trackers import check_trackers, make_trackers
 
 
-def check_machine(cfg: Config, device: str) -> None:
-    """Checks that need the machine (the config checks itself): 4-bit base, bf16, trackers."""
-    from ..machine import bf16_supported, four_bit_support
+def check_machine(cfg: Config, device: str | None = None) -> None:
+    """Checks that need the machine (the config checks itself): 4-bit base, bf16, trackers.
+    device: cpu / cuda / mps (None: the one train.device picks)."""
+    from ..machine import bf16_supported, four_bit_support, pick_device
 
+    device = device or pick_device(cfg.train.device)
     if method_of(cfg.method.name).four_bit:
         four_bit_support(device)
     if cfg.model.dtype == "bfloat16" and device == "cpu" and not bf16_supported(device):
