@@ -44,3 +44,16 @@ def test_fsdp_two_processes_equal_one_process_accumulating(tmp_path):
     assert ckpt.keys() == a.keys() and all(ckpt[k].shape == a[k].shape for k in a)
     opt = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step-000002" / "optimizer.safetensors"))
     assert sorted(t.numel() for k, t in opt.items() if k.endswith("exp_avg")) == sorted(t.numel() for t in a.values())
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    import pytest
+
+    from slimtune.errors import ConfigError
+    from slimtune.train.distributed import check_fsdp
+
+    with pytest.raises(ConfigError, match="qlora"):
+        check_fsdp(build_config({}, ["method.name=qlora", "train.fsdp=true"]), 2)
+    with pytest.raises(ConfigError, match="bf16"):
+        check_fsdp(build_config({}, ["train.mixed_precision=fp16", "train.fsdp=true"]), 2)
+    check_fsdp(build_config({}, ["train.fsdp=true", "method.name=full"]), 2)

@@ -20,6 +20,9 @@ one-process run, so a run can resume on a different number of processes.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from ..errors import ConfigError
@@ -39,7 +42,27 @@ def make_accelerator(cfg):
     if kind in ("FSDP", "DEEPSPEED"):
         raise ConfigError(f"{kind} launches are not used: slimtune shards the model itself. Launch with "
                           "`accelerate launch --multi_gpu` (or torchrun) and set train.fsdp=true")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no" and cfg.train.mixed_precision == "no" and acc.is_main_process:
+        print(f"warning: accelerate's --mixed_precision {launched} is not used; set "
+              f"train.mixed_precision={launched} instead", file=sys.stderr)
+    if cfg.train.fsdp:
+        check_fsdp(cfg, acc.num_processes)
     return acc
+
+
+def check_fsdp(cfg, processes: int) -> None:
+    """What train.fsdp cannot be combined with (yet), said before any model loads."""
+    from ..methods import method_of
+
+    if method_of(cfg.method.name).four_bit:
+        raise ConfigError("train.fsdp with method.name=qlora: bitsandbytes' packed 4-bit weights are not "
+                          "sharded here; use DDP (train.fsdp=false), which QLoRA's small memory suits")
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp with train.mixed_precision=fp16: the loss scaler would decide on each "
+                          "process's shard alone; use train.mixed_precision=bf16")
+    if processes == 1:
+        print("note: train.fsdp with one process: nothing to shard, training unsharded", file=sys.stderr)
 
 
 def is_sharded(model) -> bool:
