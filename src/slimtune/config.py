@@ -98,7 +98,10 @@ class MethodCfg:
     targets: str | list[str] = "attn"
     """attn, attn_mlp, all_linear, or a list of module names (e.g. [q_proj, v_proj])."""
     layers: str | list[int] | None = None
-    """Only these layers, e.g. '10-20' or [0, 1, 2]. Empty: all layers."""
+    """Only these layers, e.g. '10-20' or [0, 1, 2]; 'auto:K' picks the K layers whose adapter
+    gradient is largest at the start (train/layer_choice.py). Empty: all layers."""
+    auto_layers_batches: int = 4
+    """layers=auto:K: training batches the layer scores are measured on."""
     num_virtual_tokens: int = 20
     """prompt_tuning / prefix_tuning: number of virtual tokens."""
     prompt_init_text: str | None = None
@@ -113,6 +116,9 @@ class MethodCfg:
                                   f"{', '.join(TARGETS)}, or a list of module names like [q_proj, v_proj]")
         if self.r < 1:
             raise ConfigError(f"method.r must be >= 1, got {self.r}")
+        if isinstance(self.layers, str) and self.layers.startswith("auto") and \
+                not (self.layers[5:].isdigit() and self.layers[:5] == "auto:"):
+            raise ConfigError(f"method.layers={self.layers!r}: write auto:K, e.g. auto:4")
 
 
 @dataclass
