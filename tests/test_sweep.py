@@ -53,12 +53,12 @@ def test_shipped_sweeps_are_valid():
     from pathlib import Path
 
     from slimtune.config import build_config
-    from slimtune.sweep import _override_strings, load_sweep
+    from slimtune.sweep import _override_strings, load_sweep, sweep_runs
     paths = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
     assert paths, "no shipped sweep found"
     for path in paths:
         base, grid, _ = load_sweep(path)
-        runs = list(grid_runs(grid))
+        runs, _ = sweep_runs(grid)
         assert len(runs) > 1, f"{path.name}: a sweep of one run"
         for combo in runs:  # every run's config builds and carries its grid values
             cfg = build_config(base, _override_strings(combo))
@@ -73,3 +73,10 @@ def test_pareto_front():
             {"run": "c", "eval_loss": 1.3, "eval_kl": 0.6}, {"run": "d", "eval_loss": 1.0, "eval_kl": 0.7},
             {"run": "e", "eval_loss": None, "eval_kl": 0.0}]
     assert pareto(rows, "eval_kl") == {"a", "b"}  # c is beaten by a on both, d ties a on loss with more KL
+
+
+def test_one_factor_at_a_time():
+    from slimtune.sweep import one_at_a_time, run_name
+    runs = one_at_a_time({"train.lr": [1e-4, 1e-3], "method.r": [4]})
+    assert runs == [{}, {"train.lr": 1e-4}, {"train.lr": 1e-3}, {"method.r": 4}]
+    assert [run_name(r) for r in runs] == ["base", "lr-0.0001", "lr-0.001", "r-4"]

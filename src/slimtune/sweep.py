@@ -8,6 +8,12 @@
       method.r: [8, 16]
       loss.kl_lambda: [0.0, 0.05]
 
+or, one factor at a time around the base config (the base run, then each value of each key alone):
+
+    vary:
+      train.optimizer: [adafactor, lion]
+      method.r: [4, 32]
+
 Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), is
 evaluated with `slimtune eval` (`evaluate: false` skips it; an existing eval.json is reused), and
 `results.csv` / `results.md` rank the runs by held-out loss, with KL to base, the evaluation's
@@ -45,6 +51,12 @@ def grid_runs(grid: dict[str, list]) -> list[dict[str, object]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+def one_at_a_time(vary: dict[str, list]) -> list[dict[str, object]]:
+    """The base ({}), then one run per (key, value): the study design of a one-factor sweep."""
+    grid_runs(vary)  # the same checks
+    return [{}] + [{k: v} for k, values in vary.items() for v in values]
+
+
 def run_name(overrides: dict) -> str:
     value = lambda v: "+".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     text = "_".join(f"{k.split('.')[-1]}-{value(v)}" for k, v in overrides.items())
@@ -57,12 +69,23 @@ def _override_strings(overrides: dict) -> list[str]:
 
 def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(spec) - {"base", "config", "grid", "output_dir", "evaluate"}
+    unknown = set(spec) - {"base", "config", "grid", "vary", "output_dir", "evaluate"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid, output_dir, "
-                          "evaluate")
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid or vary, "
+                          "output_dir, evaluate")
+    if spec.get("grid") and spec.get("vary"):
+        raise ConfigError(f"{path}: give grid (every combination) or vary (one factor at a time), not both")
     base = load_config(spec["base"]).to_dict() if spec.get("base") else (spec.get("config") or {})
+    if spec.get("vary"):
+        return base, {"__vary__": spec["vary"]}, Path(spec.get("output_dir", "runs/sweep"))
     return base, spec.get("grid") or {}, Path(spec.get("output_dir", "runs/sweep"))
+
+
+def sweep_runs(grid: dict) -> tuple[list[dict], list[str]]:
+    """(the runs' overrides, the keys they vary) for a grid or a one-factor `vary`."""
+    if "__vary__" in grid:
+        return one_at_a_time(grid["__vary__"]), list(grid["__vary__"])
+    return (grid_runs(grid) if grid else [{}]), list(grid)
 
 
 def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | None = None) -> list[dict]:
@@ -71,7 +94,7 @@ def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | N
     base, grid, out = load_sweep(path)
     if evaluate is None:
         evaluate = (yaml.safe_load(Path(path).read_text()) or {}).get("evaluate", True)
-    combos = grid_runs(grid) if grid else [{}]
+    combos, keys = sweep_runs(grid)
     for combo in combos:  # validate every combination before the first model loads
         build_config(base, list(extra) + _override_strings(combo))
     log(f"sweep: {len(combos)} runs into {out}")
@@ -87,7 +110,7 @@ def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | N
             from .evaluate.suite import evaluate_run
             evaluate_run(str(run_dir), log=log)
         rows.append(result_row(run_dir, name, combo))
-    write_results(rows, out, list(grid))
+    write_results(rows, out, keys)
     return rows
 
 
