@@ -213,3 +213,56 @@ def test_bad_tool_and_reasoning_fields_name_the_field(tmp_path, messages, field,
     with pytest.raises(DataError, match=match) as e:
         load_chats(p)
     assert f"{p}:1" in str(e.value) and field in str(e.value)
+
+
+# ---------------------------------------------------------------- edge cases and refusals
+def _chatml(template):
+    tok = make_tokenizer("chatml")
+    tok.chat_template = template
+    return tok
+
+
+TURNS = ("{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content.split('</think>')[-1] -}}"
+         "{%- if m.role != 'assistant' or not loop.last or keep_last -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+         "{%- endfor -%}")
+
+
+def test_generation_header_that_opens_think_starts_the_turn_where_it_parts():
+    # DeepSeek-R1 style: the generation prompt opens <think>, the history shows answers only.
+    tok = _chatml("{%- set keep_last = true -%}" + TURNS +
+                  "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")
+    check(tok, CHAT, ["Hi there.<|im_end|>", "No.<|im_end|>"])
+
+
+def test_end_of_turn_string_inside_an_answer_is_not_the_end():
+    chat = CHAT[:2] + [{"role": "assistant", "content": "Type <|im_end|> to stop."}]
+    check(make_tokenizer("chatml"), chat, ["Type <|im_end|> to stop.<|im_end|>"])
+
+
+def test_last_turn_left_open_is_refused():
+    tok = _chatml("{%- set keep_last = false -%}" + TURNS)
+    with pytest.raises(DataError, match="assistant turn 4 has no end-of-turn token"):
+        render_chat(CHAT, tok)
+
+
+def test_prompt_rewritten_by_what_follows_is_refused():
+    # The last user message gets a tag only when it is last: the prompt at inference differs from
+    # the same text in the whole chat, so the turn's start cannot be trusted.
+    tok = _chatml("{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content -}}"
+                  "{%- if loop.last and m.role == 'user' -%}{{- ' (answer now)' -}}{%- endif -%}"
+                  "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+                  "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    with pytest.raises(DataError, match="renders the messages before assistant turn 2 differently"):
+        render_chat(CHAT, tok)
+
+
+def test_train_reasoning_refused_when_the_answer_cannot_be_separated():
+    # The template writes content before the reasoning: no answer start after a reasoning block.
+    tok = make_tokenizer("qwen3")
+    tok.chat_template = ("{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content -}}"
+                         "{%- if m.reasoning_content -%}{{- '<think>' + m.reasoning_content + '</think>' -}}{%- endif -%}"
+                         "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+                         "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    check(tok, REASONING, ["4.<think>Add two and two.</think><|im_end|>", "6.<think>Add three.</think><|im_end|>"])
+    with pytest.raises(DataError, match="cannot tell where the reasoning of assistant turn 1 ends"):
+        render_chat(REASONING, tok, train_reasoning=False)

@@ -13,11 +13,12 @@ an eos after the last turn is masked as it really renders:
 `start` is where inference starts generating, so the prompt part is tokenised exactly as
 `render_prompt` tokenises it. (A template whose generation header is not a prefix of the full
 rendering, e.g. one that writes `<think>` only in the header, starts the turn where the two
-agree.) The end-of-turn strings are found once per tokenizer by rendering a probe chat with
-sentinel answers: the special token written right after each answer. The turn's content end is
-found by rendering again with a sentinel appended to it, so a literal end-of-turn string inside
-an answer is not taken for the end. Role headers, a default system prompt, text of other roles,
-a header or eos written after the last turn and trailing newlines are never trained.
+part, if the messages before the header render the same; else the chat is refused.) The
+end-of-turn strings are found once per tokenizer by rendering a probe chat with sentinel
+answers: the special token written right after each answer. The turn's content end is found by
+rendering again with a sentinel appended to it, so a literal end-of-turn string inside an answer
+is not taken for the end. Role headers, a default system prompt, text of other roles, a header
+or eos written after the last turn and trailing newlines are never trained.
 
 `{% generation %}` markers are not used: templates disagree on what they wrap (SmolLM3 wraps the
 role header too), and one rule for every template keeps training equal to inference.
@@ -141,7 +142,8 @@ def _answer_start(tokenizer, full, messages, i, start, end, tools) -> int:
     core = answer.lstrip()
     k = _sentinel_at(tokenizer, full, messages, i, head + sep + answer[: len(answer) - len(core)] + SENTINEL + core,
                      tools, exact=False)
-    if k is None or not start <= k <= end:
+    reasoning = reasoning_of(messages[i]).strip() or head.split("<think>")[-1].strip()
+    if k is None or not start <= k <= end or (reasoning and reasoning in full[k:end]):
         raise DataError(f"cannot tell where the reasoning of assistant turn {i} ends in this chat template's "
                         "rendering; set data.train_reasoning=true to train it with the answer")
     return k
@@ -152,9 +154,16 @@ def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools) -> tuple[
     writes for it there), tool calls, and its end-of-turn string."""
     prefix = _template(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
     start = len(os.path.commonprefix([prefix, full]))
+    if start < len(prefix):
+        # The generation header differs from the header in the whole chat (e.g. it opens <think>):
+        # the turn starts where they part, provided everything before the header renders the same.
+        before = _template(tokenizer, messages[:i], tools=tools)
+        if not (full.startswith(before) and start >= len(before)):
+            raise DataError(f"the chat template renders the messages before assistant turn {i} differently "
+                            "depending on what follows them, so the turn's start cannot be located")
     if start < prev_end or start >= len(full):
         raise DataError(f"cannot find where assistant turn {i} starts in the chat template's rendering "
-                        "(the prompt before it renders differently from the whole chat)")
+                        "(the prompt before it overlaps the previous assistant turn)")
     content = messages[i].get("content") or ""
     content_end = start
     if content.strip():  # skip the answer itself, so an end-of-turn string inside it is not the end
