@@ -266,3 +266,17 @@ def test_train_reasoning_refused_when_the_answer_cannot_be_separated():
     check(tok, REASONING, ["4.<think>Add two and two.</think><|im_end|>", "6.<think>Add three.</think><|im_end|>"])
     with pytest.raises(DataError, match="cannot tell where the reasoning of assistant turn 1 ends"):
         render_chat(REASONING, tok, train_reasoning=False)
+
+
+def test_fallback_start_is_a_token_boundary_of_the_prompt():
+    # Qwen3 variant whose generation prompt always holds an empty think block (Jan-nano style): a
+    # tool-call turn shares only '<t' with it character-wise (<think> vs <tool_call>); the turn
+    # must start after the header's last whole token, not inside <tool_call>.
+    from templates import QWEN3
+    tok = make_tokenizer("qwen3")
+    gen = "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    assert gen in QWEN3
+    tok.chat_template = QWEN3.replace(gen, gen + "{{- '<think>\\n\\n</think>\\n\\n' -}}")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+    check(tok, Chat(TOOL_CHAT, TOOLS), [call, "It is sunny.<|im_end|>"])
+    check(tok, Chat(TOOL_CHAT, TOOLS), [call, "It is sunny.<|im_end|>"], train_reasoning=False)

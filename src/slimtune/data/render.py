@@ -149,6 +149,18 @@ def _answer_start(tokenizer, full, messages, i, start, end, tools) -> int:
     return k
 
 
+def _token_boundary(tokenizer, prefix: str, full: str, common: int) -> int:
+    """The longest run of the generation prompt's tokens whose text starts `full` within its first
+    `common` characters: the turn then starts on a token boundary of the inference prompt (a
+    character-level split could cut `<tool_call>` after `<t`, shared with `<think>`)."""
+    ids = _encode(tokenizer, prefix)
+    for n in range(len(ids), -1, -1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if len(text) <= common and full.startswith(text):
+            return len(text)
+    return 0
+
+
 def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools) -> tuple[int, int]:
     """(start, end) of assistant turn i in `full`: its content (with the reasoning the template
     writes for it there), tool calls, and its end-of-turn string."""
@@ -158,6 +170,7 @@ def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools) -> tuple[
         # The generation header differs from the header in the whole chat (e.g. it opens <think>):
         # the turn starts where they part, provided everything before the header renders the same.
         before = _template(tokenizer, messages[:i], tools=tools)
+        start = _token_boundary(tokenizer, prefix, full, start)
         if not (full.startswith(before) and start >= len(before)):
             raise DataError(f"the chat template renders the messages before assistant turn {i} differently "
                             "depending on what follows them, so the turn's start cannot be located")
