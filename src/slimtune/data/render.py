@@ -214,7 +214,8 @@ def _check_turn(tokenizer, full, messages, i, start, end, tools) -> None:
     if reasoning and reasoning not in span and reasoning not in _template(tokenizer, messages[: i + 1], tools=tools):
         raise DataError(f"the chat template renders no reasoning for assistant turn {i}, even as the last turn "
                         "(it ignores reasoning_content/thinking, or a system flag like /no_think turns it off); "
-                        "drop the reasoning or use a reasoning template")
+                        "drop the reasoning, write it into the content as <think>...</think> if the model expects "
+                        "that, or use a template that renders reasoning_content")
 
 
 def chat_segments(messages: list[dict], tokenizer, train_on: str = "assistant", *,

@@ -43,7 +43,7 @@ class Deduper:
         self.n_exact = self.n_near = 0
 
     def keep(self, chat: Messages) -> bool:
-        exact = json.dumps(chat, sort_keys=True, ensure_ascii=False)
+        exact = json.dumps(_row(chat), sort_keys=True, ensure_ascii=False)  # tools count too
         if exact in self.exact:
             self.n_exact += 1
             return False
