@@ -161,9 +161,31 @@ def _token_boundary(tokenizer, prefix: str, full: str, common: int) -> int:
     return 0
 
 
-def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools) -> tuple[int, int]:
+def _content_ends(tokenizer, full, messages, turns, tools) -> dict[int, int]:
+    """Where each of these assistant turns' content ends in `full`, from ONE rendering with a
+    numbered sentinel appended to every non-empty content (one render per chat, not per turn);
+    {} when the rendering minus the sentinels is not `full` (the template reacts to them)."""
+    marks = {i: f"{SENTINEL}{i}Z" for i in turns if (messages[i].get("content") or "").strip()}
+    if not marks:
+        return {}
+    probe = _template(tokenizer, [{**m, "content": m["content"] + marks[i]} if i in marks else m
+                                  for i, m in enumerate(messages)], tools=tools)
+    found = sorted((probe.find(mark), i) for i, mark in marks.items())
+    if probe.count(SENTINEL) != len(marks) or found[0][0] < 0:
+        return {}
+    ends, shift, text = {}, 0, probe
+    for pos, i in found:
+        ends[i] = pos - shift
+        shift += len(marks[i])
+        text = text.replace(marks[i], "")
+    return ends if text == full else {}
+
+
+def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools,
+               content_end: int | None = None) -> tuple[int, int]:
     """(start, end) of assistant turn i in `full`: its content (with the reasoning the template
-    writes for it there), tool calls, and its end-of-turn string."""
+    writes for it there), tool calls, and its end-of-turn string. content_end: where its content
+    ends in `full`, if known (see _content_ends); else found with a sentinel."""
     prefix = _template(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
     start = len(os.path.commonprefix([prefix, full]))
     if start < len(prefix):
@@ -178,11 +200,9 @@ def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools) -> tuple[
         raise DataError(f"cannot find where assistant turn {i} starts in the chat template's rendering "
                         "(the prompt before it overlaps the previous assistant turn)")
     content = messages[i].get("content") or ""
-    content_end = start
-    if content.strip():  # skip the answer itself, so an end-of-turn string inside it is not the end
-        k = _sentinel_at(tokenizer, full, messages, i, content + SENTINEL, tools, exact=True)
-        if k is not None and k >= start:
-            content_end = k
+    if content_end is None and content.strip():  # skip the answer, so an end-of-turn string in it is not the end
+        content_end = _sentinel_at(tokenizer, full, messages, i, content + SENTINEL, tools, exact=True)
+    content_end = content_end if content_end is not None and content_end >= start else start
     hits = [(full.find(c, content_end), c) for c in closers]
     hits = [(p, c) for p, c in hits if p >= 0]
     if not hits:
@@ -230,12 +250,12 @@ def chat_segments(messages: list[dict], tokenizer, train_on: str = "assistant", 
     _check_tools(tokenizer, full, messages, tools)
     closers = end_of_turn_strings(tokenizer)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = turns[-1:] if train_on == "last" else turns
+    ends = _content_ends(tokenizer, full, messages, turns, tools)
     segments, pos = [], 0
-    for n, i in enumerate(turns):
-        start, end = _turn_span(tokenizer, full, messages, i, pos, closers, tools)
+    for i in turns:
+        start, end = _turn_span(tokenizer, full, messages, i, pos, closers, tools, ends.get(i))
         _check_turn(tokenizer, full, messages, i, start, end, tools)
-        if train_on == "last" and n < len(turns) - 1:
-            continue  # still located, so the last turn's start is checked against it
         if not train_reasoning:
             start = _answer_start(tokenizer, full, messages, i, start, end, tools)
         segments += [Segment(full[pos:start], False), Segment(full[start:end], True)]
