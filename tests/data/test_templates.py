@@ -280,3 +280,17 @@ def test_fallback_start_is_a_token_boundary_of_the_prompt():
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
     check(tok, Chat(TOOL_CHAT, TOOLS), [call, "It is sunny.<|im_end|>"])
     check(tok, Chat(TOOL_CHAT, TOOLS), [call, "It is sunny.<|im_end|>"], train_reasoning=False)
+
+
+@pytest.mark.parametrize("train_reasoning, expected", [
+    (True, ["<think>\nAdd three.\n</think>\n\n6.<|im_end|>"]), (False, ["6.<|im_end|>"])])
+def test_config_train_reasoning_reaches_the_mask(tmp_path, train_reasoning, expected):
+    from slimtune.config import DataCfg
+    from slimtune.data.prepare import prepare
+
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps({"messages": REASONING}) + "\n")
+    cfg = DataCfg(train=str(p), val_fraction=0, general_prompts=None, train_on="last", train_reasoning=train_reasoning)
+    tok = make_tokenizer("qwen3")
+    (ex,) = prepare(cfg, tok).train
+    assert [tok.decode(r, skip_special_tokens=False) for r in runs_of(ex["input_ids"], ex["labels"])] == expected
