@@ -63,6 +63,9 @@ class DataCfg:
     """Added to chats that have no system turn (formats without one: alpaca, dolly...)."""
     train_on: str = "assistant"
     """Which tokens are trained: every assistant turn, the last assistant turn, or all tokens."""
+    train_reasoning: bool = True
+    """Train an assistant turn's reasoning block (from `reasoning_content`/`thinking`, as the chat
+    template writes it) with its answer; False masks it and trains only the answer + end of turn."""
     max_length: int = 512
     """Longer examples are truncated to this many tokens (labels stay aligned)."""
     drop_untrained: bool = True
