@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data.render import IGNORE  # one definition: the label of untrained positions
+
 DIRECTIONS = ("forward", "reverse", "jsd")
 
 
