@@ -5,12 +5,14 @@ Chat-template families covered (each a real template shape seen in the wild):
 - chatml_gen:      the same with {% generation %} markers around assistant content
 - llama3:          header tokens, end of turn <|eot_id|> that is NOT eos (<|end_of_text|>)
 - default_system:  ChatML that injects a default system prompt when none is given (SmolLM2 style)
+- qwen3, smollm3, llama3_first, llama31, gemma, mistral, phi3: see tests/templates.py
 """
 
 from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from templates import TEMPLATE_FAMILIES
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML = (
@@ -69,6 +71,8 @@ FAMILIES = {
                       eos="<|im_end|>", bos=None, pad="<|endoftext|>"),
 }
 
+FAMILIES.update(TEMPLATE_FAMILIES)
+
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France? The capital of France is Paris.",
@@ -90,6 +94,7 @@ def make_tokenizer(family: str = "chatml", vocab_size: int = 400) -> PreTrainedT
     tok.train_from_iterator(TRAIN_TEXT, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=spec["eos"], bos_token=spec["bos"],
                                  pad_token=spec["pad"])
+    hf.add_tokens(spec.get("added", []))  # added, not special (e.g. <think> in Qwen3)
     hf.chat_template = spec["template"]
     return hf
 

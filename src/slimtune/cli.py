@@ -50,6 +50,11 @@ def add_data(sub):
     s.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     s.set_defaults(func=cmd_data_stats)
 
+    t = dsub.add_parser("check-template", help="probe chats through a model's chat template: trained tokens marked, "
+                                               "behaviours detected (default system, rewritten turns, eot vs eos...)")
+    t.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
+    t.set_defaults(func=cmd_data_check_template)
+
     c = dsub.add_parser("convert", help="any supported format (or chitchat) -> ChatML messages JSONL")
     c.add_argument("file", help="input file, or chitchat[:N] for the chitchat-dataset package")
     c.add_argument("--out", required=True)
@@ -78,6 +83,7 @@ def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
 
 
 def cmd_data_stats(args):
+    from .data.template_check import summary
     from .data.tools import highlight, render_all
     from .models import load_tokenizer
 
@@ -89,12 +95,20 @@ def cmd_data_stats(args):
         print(json.dumps(stats, indent=2))
         return
     print(f"{args.file}  (tokenizer: {args.model}, train_on={args.train_on}, max_length={args.max_length})")
+    print(f"  template: {summary(tok)}")
     for k, v in stats.items():
         print(f"  {k:<17} {v:,}" if isinstance(v, int) else f"  {k:<17} {v}")
     color = sys.stdout.isatty()
     for ex in examples[: args.show]:
         mark = "green" if color else "[[ ]]"
         print(f"\nexample with trained tokens in {mark}:\n" + highlight(ex, tok, color))
+
+
+def cmd_data_check_template(args):
+    from .data.template_check import report
+    from .models import load_tokenizer
+
+    print(report(load_tokenizer(args.model), color=sys.stdout.isatty()))
 
 
 def cmd_data_convert(args):

@@ -66,6 +66,9 @@ class DataCfg:
     """Added to chats that have no system turn (formats without one: alpaca, dolly...)."""
     train_on: str = "assistant"
     """Which tokens are trained: every assistant turn, the last assistant turn, or all tokens."""
+    train_reasoning: bool = True
+    """Train an assistant turn's reasoning block (from `reasoning_content`/`thinking`, as the chat
+    template writes it) with its answer; False masks it and trains only the answer + end of turn."""
     max_length: int = 512
     """Longer examples are truncated to this many tokens (labels stay aligned)."""
     drop_untrained: bool = True
@@ -101,7 +104,10 @@ class MethodCfg:
     targets: str | list[str] = "attn"
     """attn, attn_mlp, all_linear, or a list of module names (e.g. [q_proj, v_proj])."""
     layers: str | list[int] | None = None
-    """Only these layers, e.g. '10-20' or [0, 1, 2]. Empty: all layers."""
+    """Only these layers, e.g. '10-20' or [0, 1, 2]; 'auto:K' picks the K layers whose adapter
+    gradient is largest at the start (train/layer_choice.py). Empty: all layers."""
+    auto_layers_batches: int = 4
+    """layers=auto:K: training batches the layer scores are measured on."""
     num_virtual_tokens: int = 20
     """prompt_tuning / prefix_tuning: number of virtual tokens."""
     prompt_init_text: str | None = None
@@ -116,6 +122,9 @@ class MethodCfg:
                                   f"{', '.join(TARGETS)}, or a list of module names like [q_proj, v_proj]")
         if self.r < 1:
             raise ConfigError(f"method.r must be >= 1, got {self.r}")
+        if isinstance(self.layers, str) and self.layers.startswith("auto") and \
+                not (self.layers[5:].isdigit() and self.layers[:5] == "auto:"):
+            raise ConfigError(f"method.layers={self.layers!r}: write auto:K, e.g. auto:4")
 
 
 @dataclass

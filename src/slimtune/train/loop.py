@@ -37,6 +37,7 @@ from . import distributed
 from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .forward import check_head
+from .layer_choice import auto_k, choose_layers, layer_scores
 from .objectives import Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
 from .precision import Precision, check_precision
@@ -164,6 +165,16 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     if method.reference_copy and (objective.uses_reference or cfg.eval.kl):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the base, frozen
     base_params = model_info(model)["params"]
+    if auto_k(cfg.method.layers) is not None:  # measure which layers to adapt, then record the choice
+        k = auto_k(cfg.method.layers)
+        scores = layer_scores(model, cfg, objective, data.train, tokenizer.pad_token_id, resolve_model(cfg.model.name))
+        cfg.method.layers = choose_layers(scores, k)
+        log(f"layers auto:{k}: chose {cfg.method.layers} by adapter gradient norm")
+        if acc.is_main_process:
+            atomic_write_json(run_dir / "layer_choice.json", {
+                "spec": f"auto:{k}", "chosen": cfg.method.layers, "batches": cfg.method.auto_layers_batches,
+                "measure": "L2 norm of d loss / d (adapter parameters of the layer) at initialisation",
+                "scores": {str(k_): v for k_, v in scores.items()}})
     model = apply_method(model, cfg.method, resolve_model(cfg.model.name), tc.gradient_checkpointing)
     if tc.fsdp and acc.num_processes > 1:
         model = distributed.shard(model, acc, log)  # before the optimizer sees the parameters
