@@ -14,8 +14,8 @@ sharded head would be a 1/N slice, and tied embeddings share that weight. Their 
 fine-tuning) are averaged over processes here, as FSDP averages the sharded ones.
 
 Checkpoints under FSDP hold full tensors, gathered from the shards when saving (every process
-takes part; the main one writes: simple and correct, at the cost of one full copy in the main
-process's CPU memory) and cut into shards again on resume. Resume under the same kind of launch:
+takes part; the main one writes: simple and correct, at the cost of a full copy of the trained
+weights and optimizer state in every process's CPU memory while it is written) and cut into shards again on resume. Resume under the same kind of launch:
 full fine-tuning under FSDP keeps the replicated weights in optimizer groups of their own
 (optim.py), so its optimizer state does not load into an unsharded run.
 """
