@@ -97,7 +97,7 @@ def main() -> None:
                      " / ".join(f"{c:.3f}" for c in r["ce"])])
     lines = [f"# qlora\n\n`python bench/qlora.py {' '.join(sys.argv[1:])}`\n",
              f"SmolLM2-135M, LoRA r{common.LORA['r']} on q/k/v/o, {B} rows x {T} tokens "
-             f"({B * (T - PROMPT - 1)} trained) per step, micro_batch_tokens 1024, AdamW, "
+             f"({B * (T - PROMPT)} trained) per step, micro_batch_tokens 1024, AdamW, "
              f"threads: {a.threads or 'torch default'}; a shared machine (other jobs on the cores): "
              "times are indicative, memory is not affected\n",
              common.markdown_table(["method", "weights+buffers MiB", "RSS after load MiB", "peak RSS in steps MiB",
