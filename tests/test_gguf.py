@@ -1,0 +1,236 @@
+"""GGUF export: files that readers slimtune did not write (transformers' GGUF loader, gguf's
+GGUFReader, llama.cpp when installed) load with the merged model's logits and tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_run import make_run
+from tiny import make_model, make_qwen, make_tokenizer
+
+from slimtune.cli import main
+from slimtune.errors import SlimtuneError
+from slimtune.ship.gguf import llama3_rope_factors, permute_qk, reload_with_transformers, write_gguf
+from slimtune.ship.modelfile import modelfile_text
+
+CHAT = [{"role": "system", "content": "You answer in one line."},
+        {"role": "user", "content": "What is 12 + 30? Surely 42, isn't it?"},
+        {"role": "assistant", "content": "Yes: 42.\n\n  Indented `code`, émigré café."}]
+
+# (family, split regex, arch, tie, extra embedding rows)
+MODELS = {
+    "llama-chatml": ("chatml", None, "llama", False, 0),
+    "llama3-tied": ("llama3", "llama3", "llama", True, 0),
+    "qwen2-padded": ("chatml", "qwen2", "qwen2", True, 6),
+    "qwen3": ("chatml", "qwen2", "qwen3", False, 0),
+}
+
+
+def build(key):
+    family, split, arch, tie, extra = MODELS[key]
+    tok = make_tokenizer(family, split=split)
+    if arch == "llama":
+        model = make_model(tok, tie=tie)
+        with torch.no_grad():  # norms start at 1: perturb them so a misplaced one shows
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model, tok
+    return make_qwen(tok, arch, tie=tie, extra_rows=extra), tok
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def chat_ids(tok, n=3, gen=False):
+    return tok.apply_chat_template(CHAT[:n], tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_f32_export_reloads_in_transformers_with_the_same_logits_and_tokens(tmp_path, key):
+    model, tok = build(key)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tok, path, "f32")
+    back, gtok = reload_with_transformers(path)
+
+    assert back.config.model_type == model.config.model_type
+    assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert back.config.num_key_value_heads == model.config.num_key_value_heads
+    ids = chat_ids(tok)
+    assert (logits(back, ids) - logits(model, ids)).abs().max() < 1e-4
+    # the tokenizer round-trips: same template, same text, same ids, same end of turn
+    assert gtok.chat_template == tok.chat_template
+    for n, gen in ((2, True), (3, False)):
+        assert chat_ids(gtok, n, gen) == chat_ids(tok, n, gen)
+    assert gtok.eos_token == tok.eos_token and gtok.bos_token == tok.bos_token
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
+
+
+def test_smaller_types_stay_close_and_shrink_the_file(tmp_path):
+    model, tok = build("llama-chatml")
+    ids = chat_ids(tok)
+    ref = logits(model, ids)
+    diff, size = {}, {}
+    for kind in ("f32", "f16", "q8_0"):
+        path = tmp_path / f"{kind}.gguf"
+        write_gguf(model, tok, path, kind)
+        diff[kind] = float((logits(reload_with_transformers(path)[0], ids) - ref).abs().max())
+        size[kind] = path.stat().st_size
+    assert diff["f32"] < 1e-4 and diff["f16"] < 1e-2 and diff["q8_0"] < 0.1
+    assert diff["f16"] < diff["q8_0"]
+    assert size["q8_0"] < size["f16"] < size["f32"]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q8_0.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32  # vectors stay f32
+
+
+def test_metadata_is_complete_for_llama_cpp(tmp_path):
+    model, tok = build("qwen2-padded")
+    write_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items()}
+    n_vocab = model.config.vocab_size
+    assert f["general.architecture"] == "qwen2"
+    assert f["qwen2.block_count"] == 2 and f["qwen2.embedding_length"] == 32
+    assert f["qwen2.attention.head_count"] == 4 and f["qwen2.attention.head_count_kv"] == 2
+    assert f["qwen2.vocab_size"] == n_vocab and f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "qwen2"
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == n_vocab  # one per embedding row, padding included
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tokens[im_end] == "<|im_end|>" and types[im_end] == gguf.TokenType.CONTROL
+    assert tokens[-1] == f"[PAD{n_vocab - 1}]" and types[-1] == gguf.TokenType.UNUSED
+    assert tokens[tok.convert_tokens_to_ids("Ġthe")] == "Ġthe" and types[tok.convert_tokens_to_ids("Ġthe")] == 1
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    assert f["tokenizer.ggml.eos_token_id"] == f["tokenizer.ggml.eot_token_id"] == im_end
+    assert f["tokenizer.ggml.padding_token_id"] == tok.pad_token_id
+    assert f["tokenizer.chat_template"] == tok.chat_template
+    # every tensor under a name llama.cpp's qwen2 graph knows; tied: no output.weight
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN2]}
+    names = [t.name for t in r.tensors]
+    assert all(n.rsplit(".", 1)[0].replace("blk.0.", "blk.{bid}.").replace("blk.1.", "blk.{bid}.") in known
+               for n in names)
+    assert "output.weight" not in names and "blk.1.attn_q.bias" in names and len(names) == 2 + 2 * 12  # embd, final norm; q,k,v (+bias), o, 3 mlp, 2 norms
+
+
+def test_llama3_end_of_turn_is_not_eos(tmp_path):
+    model, tok = build("llama3-tied")
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    f = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert f["tokenizer.ggml.pre"] == "llama-bpe"
+    assert f["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert f["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|end_of_text|>")
+    assert f["tokenizer.ggml.add_bos_token"] is False  # the template writes <|begin_of_text|> itself
+
+
+def test_permute_matches_a_hand_worked_head():
+    # one head of dim 4: HF rotates rows (0, 2) and (1, 3) together; llama.cpp wants pairs adjacent
+    w = torch.arange(4.0).reshape(4, 1)
+    assert permute_qk(w, 1).flatten().tolist() == [0, 2, 1, 3]
+    w = torch.arange(8.0).reshape(8, 1)  # two heads permute independently
+    assert permute_qk(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_llama3_rope_factors_equal_transformers_scaling():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                    "rope_theta": 500000.0})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    factors = llama3_rope_factors(cfg)
+    assert factors.shape == (64,) and factors.min() == 1 and factors.max() == 32
+    assert torch.allclose(factors.double(), base / scaled.double(), rtol=1e-5)
+
+
+def test_modelfile_for_each_template_family():
+    for family, want in [("chatml", "<|im_start|>{{ .Role }}"), ("llama3", "<|start_header_id|>{{ .Role }}"),
+                         ("default_system", "SYSTEM \"\"\"You are a helpful AI assistant named Tiny.\"\"\"")]:
+        tok = make_tokenizer(family)
+        eot = tok.convert_tokens_to_ids("<|eot_id|>" if family == "llama3" else "<|im_end|>")
+        meta = {"eot": eot, "eos": tok.eos_token_id, "add_bos": False, "tokens": tok.convert_ids_to_tokens(range(len(tok)))}
+        text = modelfile_text("m.gguf", tok, meta)
+        assert "FROM ./m.gguf" in text and want in text and "TEMPLATE" in text
+        assert f'PARAMETER stop "{tok.convert_ids_to_tokens(eot)}"' in text
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    text = modelfile_text("m.gguf", tok, meta)
+    assert "TEMPLATE" not in text.replace("no Go TEMPLATE", "") and "chat_template stored in the GGUF" in text
+
+
+def test_unsupported_models_and_tokenizers_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = make_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(SlimtuneError, match="supports the Llama family.*'gpt2'"):
+        write_gguf(gpt2, tok, tmp_path / "m.gguf")
+    sp = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    odd = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="a")
+    with pytest.raises(SlimtuneError, match="pre-tokenizer.*Metaspace"):
+        write_gguf(make_model(odd), odd, tmp_path / "m.gguf")
+    with pytest.raises(SlimtuneError, match="--type q4"):
+        write_gguf(make_model(tok), tok, tmp_path / "m.gguf", "q4")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_command_merges_a_lora_run(tmp_path, tiny_dir, capsys):
+    run = make_run(tmp_path, tiny_dir, "lora")
+    out = tmp_path / "export" / "model.gguf"
+    assert main(["export", run, "--type", "f32", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["parity_merged"] < 1e-4 and res["max_abs_logit_diff"] < 1e-4 and res["tokenizer_match"]
+    assert res["bytes"] == out.stat().st_size
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    # the export is the adapter model, not the base
+    from slimtune.runfolder import load_run
+    adapter, tok, _ = load_run(run)
+    back, _ = reload_with_transformers(out)
+    ids = chat_ids(tok)
+    assert (logits(back, ids) - logits(adapter, ids)).abs().max() < 1e-4
+    assert main(["export", run, "--out", str(tmp_path / "model.bin")]) == 2
+
+
+LLAMA_CPP_PY = os.environ.get("SLIMTUNE_LLAMA_CPP_PYTHON", "/tmp/llamacpp/bin/python")
+LLAMA_CPP_SCRIPT = Path(__file__).parent.parent / "bench" / "llama_cpp_answer.py"
+
+
+def has_llama_cpp() -> bool:
+    return Path(LLAMA_CPP_PY).exists() and subprocess.run(
+        [LLAMA_CPP_PY, "-c", "import llama_cpp, numpy"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not has_llama_cpp(), reason="no python with llama_cpp + numpy (SLIMTUNE_LLAMA_CPP_PYTHON)")
+@pytest.mark.parametrize("key", ["llama-chatml", "qwen2-padded", "qwen3"])
+def test_llama_cpp_reads_the_export_like_transformers(tmp_path, key):
+    """Opt-in: llama.cpp (llama-cpp-python, in its own venv) tokenizes the prompt to the same ids
+    and its greedy continuation and last-position logits equal transformers' on the f32 file."""
+    model, tok = build(key)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    proc = subprocess.run([LLAMA_CPP_PY, str(LLAMA_CPP_SCRIPT), str(tmp_path / "m.gguf"), prompt, "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert got["prompt_ids"] == ids
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                            pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert got["greedy_ids"] == hf
+    last = logits(model, ids)[-1].numpy()
+    assert np.abs(np.array(got["last_logits"]) - last).max() < 1e-3
