@@ -4,7 +4,6 @@ GGUFReader, llama.cpp when installed) load with the merged model's logits and to
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -16,12 +15,11 @@ from tiny import make_model, make_qwen, make_tokenizer
 
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
-from slimtune.ship.gguf import llama3_rope_factors, permute_qk, reload_with_transformers, write_gguf
+from slimtune.ship.gguf import (PROBE_CHAT, llama3_rope_factors, permute_qk, reload_with_transformers, same_chat_ids,
+                                write_gguf)
 from slimtune.ship.modelfile import modelfile_text
 
-CHAT = [{"role": "system", "content": "You answer in one line."},
-        {"role": "user", "content": "What is 12 + 30? Surely 42, isn't it?"},
-        {"role": "assistant", "content": "Yes: 42.\n\n  Indented `code`, émigré café."}]
+CHAT = PROBE_CHAT  # system, user, assistant with digits, spaces and accents
 
 # (family, split regex, arch, tie, extra embedding rows)
 MODELS = {
@@ -68,8 +66,7 @@ def test_f32_export_reloads_in_transformers_with_the_same_logits_and_tokens(tmp_
     assert (logits(back, ids) - logits(model, ids)).abs().max() < 1e-4
     # the tokenizer round-trips: same template, same text, same ids, same end of turn
     assert gtok.chat_template == tok.chat_template
-    for n, gen in ((2, True), (3, False)):
-        assert chat_ids(gtok, n, gen) == chat_ids(tok, n, gen)
+    assert chat_ids(gtok, 2, True) == chat_ids(tok, 2, True) and same_chat_ids(tok, gtok)
     assert gtok.eos_token == tok.eos_token and gtok.bos_token == tok.bos_token
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
 

@@ -89,7 +89,7 @@ def gguf_tensors(model):
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == cfg.model_type)
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if cfg.model_type == "llama" and (cfg.rope_parameters or {}).get("rope_type") == "llama3":
+    if cfg.model_type == "llama" and (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(cfg)
     for hf_name, t in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -189,22 +189,27 @@ def reload_with_transformers(path: str | Path):
     return model, AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 
 
+PROBE_CHAT = [{"role": "system", "content": "You answer in one line."},
+              {"role": "user", "content": "What is 12 + 30? Surely 42, isn't it?"},
+              {"role": "assistant", "content": "Yes: 42.\n\n  Indented `code`, émigré café."}]
+
+
+def same_chat_ids(tok_a, tok_b, chat=PROBE_CHAT) -> bool:
+    """Both tokenizers render the chat (as a prompt, and whole) to the same token ids."""
+    def ids(tok, n, gen):
+        return tok.apply_chat_template(chat[:n], tokenize=True, add_generation_prompt=gen,
+                                       return_dict=True)["input_ids"]
+    return all(ids(tok_a, n, gen) == ids(tok_b, n, gen) for n, gen in ((len(chat) - 1, True), (len(chat), False)))
+
+
 def check_export(path: str | Path, tokenizer, inputs: list[list[int]], reference: list[torch.Tensor]) -> dict:
     """Max |logit difference| of the GGUF (as transformers reads it) from `reference` on `inputs`,
     and whether its tokenizer gives the same ids as `tokenizer` for a rendered chat."""
     from .merge import all_logits, max_abs_diff
 
     model, gtok = reload_with_transformers(path)
-    chat = [{"role": "system", "content": "You answer in one line."},
-            {"role": "user", "content": "What is 12 + 30? Answer: 42, isn't it?"},
-            {"role": "assistant", "content": "Yes -- 42.\n\n  Indented `code` and émigré café."}]
-    same_ids = all(
-        tokenizer.apply_chat_template(chat[:n], tokenize=False, add_generation_prompt=g) ==
-        gtok.apply_chat_template(chat[:n], tokenize=False, add_generation_prompt=g)
-        and tokenizer(text, add_special_tokens=False)["input_ids"] == gtok(text, add_special_tokens=False)["input_ids"]
-        for n, g in ((2, True), (3, False))
-        for text in [tokenizer.apply_chat_template(chat[:n], tokenize=False, add_generation_prompt=g)])
-    return {"max_abs_logit_diff": max_abs_diff(reference, all_logits(model, inputs)), "tokenizer_match": same_ids}
+    return {"max_abs_logit_diff": max_abs_diff(reference, all_logits(model, inputs)),
+            "tokenizer_match": same_chat_ids(tokenizer, gtok)}
 
 
 def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=None) -> dict:
