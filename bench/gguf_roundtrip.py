@@ -56,7 +56,7 @@ def main():
         t0 = time.time()
         meta = write_gguf(m.model, m.tokenizer, path, kind, title=Path(args.run).name)
         row = {"type": kind, "file": str(path), "MiB": round(path.stat().st_size / 2**20, 1),
-               "write_s": round(time.time() - t0, 1), **check_export(path, m.tokenizer, m.inputs, m.reference)}
+               "write_s": round(time.time() - t0, 1), **check_export(path, m.model, m.tokenizer, m.inputs, m.logits, kind)}
         if have_llama:
             proc = subprocess.run([args.llama_cpp_python, str(BENCH / "llama_cpp_answer.py"), str(path), prompt,
                                    str(args.new_tokens)], capture_output=True, text=True)
@@ -75,11 +75,11 @@ def main():
            "transformers_answer": m.tokenizer.decode(hf_ids), "llama_cpp": have_llama, "rows": rows}
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "gguf_roundtrip.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = ["| type | size (MiB) | max abs logit diff vs merged | tokenizer ids | llama.cpp greedy = transformers |",
-             "|---|---|---|---|---|"]
+    lines = ["| type | size (MiB) | max abs logit diff vs merged | vs merged with the same rounding | "
+             "tokenizer ids | llama.cpp greedy = transformers |", "|---|---|---|---|---|---|"]
     for r in rows:
         lc = {True: "yes", False: "no"}.get(r.get("llama_cpp_greedy_match"), "not run")
-        lines.append(f"| {r['type']} | {r['MiB']} | {r['max_abs_logit_diff']:.2e} | "
+        lines.append(f"| {r['type']} | {r['MiB']} | {r['max_abs_logit_diff']:.2e} | {r['max_abs_logit_diff_rounded']:.2e} | "
                      f"{'same' if r['tokenizer_match'] else 'DIFFER'} | {lc} |")
     (BENCH / "results" / "gguf_roundtrip.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -52,14 +52,18 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 class Merged:
     """A run folded into one plain transformers model, in memory, with its parity numbers.
 
-    reference: the adapter model's float32 logits (T, V) on `inputs`; parity: the max absolute
-    difference of the merged model's logits from them."""
+    reference: the adapter model's float32 logits (T, V) on `inputs`; logits: the merged model's;
+    parity: the max absolute difference between the two."""
     model: object
     tokenizer: object
     cfg: object
     inputs: list
     reference: list
-    parity: float
+    logits: list
+
+    @property
+    def parity(self) -> float:
+        return max_abs_diff(self.reference, self.logits)
 
 
 def merge_in_memory(run: str, log=None) -> Merged:
@@ -76,7 +80,7 @@ def merge_in_memory(run: str, log=None) -> Merged:
         model, tokenizer, cfg = load_run(run, "float32")
         inputs = parity_inputs(tokenizer, cfg.data.system_prompt)
         reference = all_logits(model, inputs)
-        return Merged(model, tokenizer, cfg, inputs, reference, 0.0)
+        return Merged(model, tokenizer, cfg, inputs, reference, reference)
     cfg = read_config(Path(run) / "config.yaml")
     if cfg.method.name in PROMPT_METHODS:
         raise SlimtuneError(
@@ -94,7 +98,7 @@ def merge_in_memory(run: str, log=None) -> Merged:
             merged = model.merge_and_unload()
         else:  # a full fine-tune is already a whole model
             merged = model
-    return Merged(merged, tokenizer, cfg, inputs, reference, max_abs_diff(reference, all_logits(merged, inputs)))
+    return Merged(merged, tokenizer, cfg, inputs, reference, all_logits(merged, inputs))
 
 
 def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
