@@ -163,6 +163,11 @@ def test_modelfile_for_each_template_family():
         text = modelfile_text("m.gguf", tok, meta)
         assert "FROM ./m.gguf" in text and want in text and "TEMPLATE" in text
         assert f'PARAMETER stop "{tok.convert_ids_to_tokens(eot)}"' in text
+    # SmolLM2 names <|im_start|> its BOS: the template's opening tag is not a BOS to strip
+    smol = make_tokenizer("default_system")
+    smol.bos_token = "<|im_start|>"
+    text = modelfile_text("m.gguf", smol, dict(meta, eot=2, eos=2, tokens=smol.convert_ids_to_tokens(range(len(smol)))))
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>' in text and "SYSTEM" in text
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     text = modelfile_text("m.gguf", tok, meta)
     assert "TEMPLATE" not in text.replace("no Go TEMPLATE", "") and "chat_template stored in the GGUF" in text

@@ -46,21 +46,25 @@ def match_template(tokenizer, add_bos: bool) -> tuple[str, str | None] | None:
         rendered = [_render(tokenizer, p) for p in PROBES]
     except Exception:  # a template that refuses these probes (e.g. no system role) is not one of ours
         return None
+    # a template may write the BOS text itself ("{{ bos_token }}"); a BOS that is the turn opener
+    # (SmolLM2's is <|im_start|>) must not be taken for one, so the bare twin is tried first
     for name, twin in TWIN.items():
-        # a template that writes the BOS text itself: Ollama adds BOS only when add_bos_token says so
-        prefix = bos if bos and rendered[0].startswith(bos) else ""
-        if any(r != prefix + twin(p) for r, p in zip(rendered, PROBES)):
-            continue
-        no_system = [{"role": "user", "content": "Hi there"}]
-        plain = _render(tokenizer, no_system)[len(prefix):]
-        system = None
-        if plain != twin(no_system):  # a default system turn is injected: find its text
-            system = _default_system(name, plain)
-            if system is None or plain != twin([{"role": "system", "content": system}] + no_system):
-                return None
-        go = ("" if add_bos else prefix) + GO[name]
-        return go, system
+        for prefix in dict.fromkeys(["", bos]):
+            if all(r == prefix + twin(p) for r, p in zip(rendered, PROBES)):
+                return _with_system(tokenizer, name, prefix, add_bos)
     return None
+
+
+def _with_system(tokenizer, name: str, prefix: str, add_bos: bool) -> tuple[str, str | None] | None:
+    twin, no_system = TWIN[name], [{"role": "user", "content": "Hi there"}]
+    plain = _render(tokenizer, no_system)[len(prefix):]
+    system = None
+    if plain != twin(no_system):  # a default system turn is injected: find its text
+        system = _default_system(name, plain)
+        if system is None or plain != twin([{"role": "system", "content": system}] + no_system):
+            return None
+    # Ollama adds BOS itself only when the GGUF's add_bos_token says so
+    return ("" if add_bos else prefix) + GO[name], system
 
 
 def _default_system(name: str, rendered: str) -> str | None:
@@ -94,4 +98,5 @@ def write_modelfile(gguf_path: str | Path, tokenizer, meta: dict) -> Path:
     """Write `Modelfile` beside the GGUF (atomically); returns its path."""
     out = Path(gguf_path).parent / "Modelfile"
     atomic_write_text(out, modelfile_text(Path(gguf_path).name, tokenizer, meta))
+    out.chmod(0o644)  # the temp file was created 0600
     return out
