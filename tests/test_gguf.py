@@ -166,7 +166,8 @@ def test_modelfile_for_each_template_family():
     # SmolLM2 names <|im_start|> its BOS: the template's opening tag is not a BOS to strip
     smol = make_tokenizer("default_system")
     smol.bos_token = "<|im_start|>"
-    text = modelfile_text("m.gguf", smol, dict(meta, eot=2, eos=2, tokens=smol.convert_ids_to_tokens(range(len(smol)))))
+    end = smol.convert_tokens_to_ids("<|im_end|>")
+    text = modelfile_text("m.gguf", smol, dict(meta, eot=end, eos=end, tokens=smol.convert_ids_to_tokens(range(len(smol)))))
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>' in text and "SYSTEM" in text
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     text = modelfile_text("m.gguf", tok, meta)
