@@ -76,10 +76,11 @@ def main():
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "gguf_roundtrip.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["| type | size (MiB) | max abs logit diff vs merged | vs merged with the same rounding | "
-             "tokenizer ids | llama.cpp greedy = transformers |", "|---|---|---|---|---|---|"]
+             "same top token | tokenizer ids | llama.cpp greedy = transformers |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lc = {True: "yes", False: "no"}.get(r.get("llama_cpp_greedy_match"), "not run")
         lines.append(f"| {r['type']} | {r['MiB']} | {r['max_abs_logit_diff']:.2e} | {r['max_abs_logit_diff_rounded']:.2e} | "
+                     f"{r['top1_agreement']:.1%} | "
                      f"{'same' if r['tokenizer_match'] else 'DIFFER'} | {lc} |")
     (BENCH / "results" / "gguf_roundtrip.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -184,8 +184,13 @@ def write_gguf(model, tokenizer, out: str | Path, kind: str = "f16", title: str 
 
 def reload_with_transformers(path: str | Path):
     """(model, tokenizer) read back from the GGUF by transformers' own GGUF loader, float32."""
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as reader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if getattr(reader, "tqdm", None) is not None and not isinstance(reader.tqdm, partial):
+        reader.tqdm = partial(reader.tqdm, disable=True)  # a bar per file read floods the log
     p = Path(path).resolve()
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
@@ -227,6 +232,7 @@ def check_export(path: str | Path, merged, tokenizer, inputs: list[list[int]], l
     max_abs_logit_diff: its logits vs the merged model's (`logits`, float32, on `inputs`);
     max_abs_logit_diff_rounded: vs the merged model with the file's rounding applied in torch
         (about 1e-5 when the file holds exactly what was meant to be written);
+    top1_agreement: share of positions whose most likely next token is the merged model's;
     tokenizer_match: its tokenizer renders a chat to the same ids as `tokenizer`."""
     from .merge import all_logits, max_abs_diff
 
@@ -234,7 +240,9 @@ def check_export(path: str | Path, merged, tokenizer, inputs: list[list[int]], l
     got = all_logits(model, inputs)
     del model
     rounded = logits if kind == "f32" else all_logits(rounded_like_file(merged, kind), inputs)
+    same_top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, got))
     return {"max_abs_logit_diff": max_abs_diff(logits, got), "max_abs_logit_diff_rounded": max_abs_diff(rounded, got),
+            "top1_agreement": same_top1 / sum(len(a) for a in logits),
             "tokenizer_match": same_chat_ids(tokenizer, gtok)}
 
 
@@ -263,7 +271,8 @@ def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=
         res.update(check_export(out, m.model, m.tokenizer, m.inputs, m.logits, kind))
         ok = res["max_abs_logit_diff_rounded"] <= READ_BACK_TOL and res["tokenizer_match"]
         log(f"read back by transformers: max |logit difference| vs the merged model {res['max_abs_logit_diff']:.2e}, "
-            f"vs the merged model with the same {kind} rounding {res['max_abs_logit_diff_rounded']:.2e}; "
+            f"vs the merged model with the same {kind} rounding {res['max_abs_logit_diff_rounded']:.2e}, "
+            f"same top token at {res['top1_agreement']:.1%} of positions; "
             f"tokenizer {'gives the same ids' if res['tokenizer_match'] else 'DIFFERS'}"
 )
         if not ok:
