@@ -51,7 +51,12 @@ def end_of_turn_id(tokenizer) -> int | None:
     """The special token that closes an assistant turn in the chat template (<|im_end|>,
     <|eot_id|>), found by rendering one; None when the template closes turns with plain text."""
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Banana"}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # a template that rejects this chat: leave the end of turn to the reader
+        return None
+    if "Banana" not in text:
+        return None
     after = text[text.rindex("Banana") + len("Banana"):]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
