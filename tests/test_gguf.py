@@ -210,6 +210,34 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_dir, capsys):
     assert main(["export", run, "--out", str(tmp_path / "model.bin")]) == 2
 
 
+def test_export_of_a_plain_model_and_a_check_that_can_fail(tmp_path, tiny_dir, monkeypatch):
+    from slimtune.ship import gguf as ship_gguf
+    from slimtune.ship.gguf import export_gguf
+
+    res = export_gguf(tiny_dir, str(tmp_path / "plain.gguf"), "f16", log=lambda m: None)
+    assert res["parity_merged"] == 0 and res["max_abs_logit_diff_rounded"] < 1e-5 and res["tokenizer_match"]
+    # without llama.cpp's q/k permutation the file is wrong, and the read-back check says so
+    monkeypatch.setattr(ship_gguf, "permute_qk", lambda w, n_head: w)
+    with pytest.raises(SlimtuneError, match="does not read back as written"):
+        export_gguf(tiny_dir, str(tmp_path / "bad.gguf"), "f32", log=lambda m: None)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    from slimtune.ship import gguf as ship_gguf
+
+    model, tok = build("llama-chatml")
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    before = (tmp_path / "m.gguf").read_bytes()
+
+    def boom(name, t, kind):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ship_gguf, "encode", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    assert [f.name for f in tmp_path.iterdir()] == ["m.gguf"] and (tmp_path / "m.gguf").read_bytes() == before
+
+
 LLAMA_CPP_PY = os.environ.get("SLIMTUNE_LLAMA_CPP_PYTHON", "/tmp/llamacpp/bin/python")
 LLAMA_CPP_SCRIPT = Path(__file__).parent.parent / "bench" / "llama_cpp_answer.py"
 

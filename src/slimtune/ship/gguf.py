@@ -275,8 +275,10 @@ def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=
             f"same top token at {res['top1_agreement']:.1%} of positions; "
             f"tokenizer {'gives the same ids' if res['tokenizer_match'] else 'DIFFERS'}"
 )
-        if not ok:
-            raise SlimtuneError(f"{out} does not read back as written (transformers' GGUF loader): the logits "
+        if not ok:  # a file that does not hold the model must not be shipped by mistake
+            Path(out).unlink()
+            raise SlimtuneError(f"{out} does not read back as written (removed it) (transformers' GGUF loader): the logits "
                                 f"differ by {res['max_abs_logit_diff_rounded']:.2e} from the merged model rounded "
-                                f"to {kind}, tokenizer match {res['tokenizer_match']}; please report this")
+                                f"to {kind}, tokenizer match {res['tokenizer_match']}; please report this, or pass --no-verify "
+                                f"to keep the file")
     return res
