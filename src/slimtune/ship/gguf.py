@@ -269,16 +269,14 @@ def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=
     log(f"wrote {out} ({res['bytes'] / 2**20:.1f} MiB, {kind}) and {modelfile}")
     if verify:
         res.update(check_export(out, m.model, m.tokenizer, m.inputs, m.logits, kind))
-        ok = res["max_abs_logit_diff_rounded"] <= READ_BACK_TOL and res["tokenizer_match"]
         log(f"read back by transformers: max |logit difference| vs the merged model {res['max_abs_logit_diff']:.2e}, "
             f"vs the merged model with the same {kind} rounding {res['max_abs_logit_diff_rounded']:.2e}, "
             f"same top token at {res['top1_agreement']:.1%} of positions; "
-            f"tokenizer {'gives the same ids' if res['tokenizer_match'] else 'DIFFERS'}"
-)
-        if not ok:  # a file that does not hold the model must not be shipped by mistake
-            Path(out).unlink()
-            raise SlimtuneError(f"{out} does not read back as written (removed it) (transformers' GGUF loader): the logits "
-                                f"differ by {res['max_abs_logit_diff_rounded']:.2e} from the merged model rounded "
-                                f"to {kind}, tokenizer match {res['tokenizer_match']}; please report this, or pass --no-verify "
-                                f"to keep the file")
+            f"tokenizer {'gives the same ids' if res['tokenizer_match'] else 'DIFFERS'}")
+        if res["max_abs_logit_diff_rounded"] > READ_BACK_TOL or not res["tokenizer_match"]:
+            Path(out).unlink()  # a file that does not hold the model must not be shipped by mistake
+            raise SlimtuneError(
+                f"{out} does not read back as written, so it was removed: read by transformers' GGUF loader, its "
+                f"logits differ by {res['max_abs_logit_diff_rounded']:.2e} from the merged model rounded to {kind} "
+                f"(tokenizer match: {res['tokenizer_match']}); please report this, or keep the file with --no-verify")
     return res
