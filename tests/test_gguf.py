@@ -154,6 +154,33 @@ def test_llama3_rope_factors_equal_transformers_scaling():
     assert torch.allclose(factors.double(), base / scaled.double(), rtol=1e-5)
 
 
+def test_llama31_rope_scaling_travels_as_rope_freqs(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer("llama3", split="llama3")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                    "rope_theta": 10000.0})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharp attention, so that positions (and their RoPE) move the logits
+        for n, p in model.named_parameters():
+            if "q_proj" in n or "k_proj" in n:
+                p.mul_(30)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    freqs = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}["rope_freqs.weight"]
+    assert np.allclose(np.asarray(freqs.data), llama3_rope_factors(cfg).numpy())
+    assert not np.allclose(np.asarray(freqs.data), 1.0)  # head_dim 8 reaches the smoothed band
+    ids = chat_ids(tok)
+    res = check_export(tmp_path / "m.gguf", model, tok, [ids], [logits(model, ids)], "f32")
+    assert res["max_abs_logit_diff"] < 1e-4 and res["tokenizer_match"]
+    # the reader alone drops the scaling: without check_export's fix the logits move
+    back, _ = reload_with_transformers(tmp_path / "m.gguf")
+    assert (logits(back, ids) - logits(model, ids)).abs().max() > 1e-3
+
+
 def test_modelfile_for_each_template_family():
     for family, want in [("chatml", "<|im_start|>{{ .Role }}"), ("llama3", "<|start_header_id|>{{ .Role }}"),
                          ("default_system", "SYSTEM \"\"\"You are a helpful AI assistant named Tiny.\"\"\"")]:

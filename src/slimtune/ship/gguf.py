@@ -15,6 +15,8 @@ What follows llama.cpp's convert_hf_to_gguf.py (the reference writer):
 - f16 / q8_0 apply to matrices; norms, biases and vectors stay f32. A matrix whose rows do not
   split into q8_0 blocks of 32 falls back to f16, as in convert_hf_to_gguf.py.
 - Llama-3.1-style RoPE scaling is carried as the `rope_freqs` tensor of per-frequency divisors.
+  transformers' GGUF reader ignores that tensor, so the read-back check gives the reloaded model
+  the source's RoPE config back (the tensor itself is checked against transformers' own scaling).
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ def check_export(path: str | Path, merged, tokenizer, inputs: list[list[int]], l
     from .merge import all_logits, max_abs_diff
 
     model, gtok = reload_with_transformers(path)
+    if (getattr(merged.config, "rope_parameters", None) or {}).get("rope_type") == "llama3":
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=merged.config)  # see the module note
     got = all_logits(model, inputs)
     del model
     rounded = logits if kind == "f32" else all_logits(rounded_like_file(merged, kind), inputs)
