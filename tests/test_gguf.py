@@ -275,6 +275,21 @@ def test_export_of_a_plain_model_and_a_check_that_can_fail(tmp_path, tiny_dir, m
     assert not (tmp_path / "bad.gguf").exists()
 
 
+def test_a_file_the_reader_cannot_load_is_kept_with_a_clear_error(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from slimtune.ship.gguf import export_gguf
+
+    tok = make_tokenizer("chatml", split="qwen2")  # transformers' reader assumes Qwen3's head_dim 128
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(tmp_path / "q3")
+    tok.save_pretrained(tmp_path / "q3")
+    with pytest.raises(SlimtuneError, match="cannot read it back.*--no-verify"):
+        export_gguf(str(tmp_path / "q3"), str(tmp_path / "m.gguf"), "f32", log=lambda m: None)
+    assert (tmp_path / "m.gguf").exists()
+    assert export_gguf(str(tmp_path / "q3"), str(tmp_path / "m.gguf"), "f32", verify=False, log=lambda m: None)
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     from slimtune.ship import gguf as ship_gguf
 

@@ -272,7 +272,12 @@ def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=
            "modelfile": str(modelfile)}
     log(f"wrote {out} ({res['bytes'] / 2**20:.1f} MiB, {kind}) and {modelfile}")
     if verify:
-        res.update(check_export(out, m.model, m.tokenizer, m.inputs, m.logits, kind))
+        try:
+            res.update(check_export(out, m.model, m.tokenizer, m.inputs, m.logits, kind))
+        except (ValueError, RuntimeError, KeyError, OSError) as e:  # the reader's limits, not the file's
+            raise SlimtuneError(f"wrote {out}, but transformers' GGUF loader cannot read it back to check it "
+                                f"({type(e).__name__}: {str(e)[:200]}); it reads fewer models than llama.cpp "
+                                f"(e.g. Qwen3 only with head_dim 128). Export with --no-verify to skip the check")
         log(f"read back by transformers: max |logit difference| vs the merged model {res['max_abs_logit_diff']:.2e}, "
             f"vs the merged model with the same {kind} rounding {res['max_abs_logit_diff_rounded']:.2e}, "
             f"same top token at {res['top1_agreement']:.1%} of positions; "
