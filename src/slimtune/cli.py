@@ -235,6 +235,27 @@ def cmd_merge(args):
     merge_run(args.run, args.out, args.dtype)
 
 
+def add_export(sub):
+    p = sub.add_parser("export", help="merge a run and write one GGUF file (llama.cpp, Ollama, LM Studio)",
+                       description="Merge RUN (parity printed), write it as GGUF with its tokenizer and chat "
+                                   "template, write an Ollama Modelfile beside it, and check the file by "
+                                   "reading it back with transformers' GGUF loader (logit difference printed).")
+    p.add_argument("run", help="run folder (or a merged / plain model folder)")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="weights: f32 (exact), f16 (default, half the size), q8_0 (a quarter)")
+    p.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile goes beside it)")
+    p.add_argument("--no-verify", action="store_true", help="skip reading the file back with transformers")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    from .ship.gguf import export_gguf
+
+    res = export_gguf(args.run, args.out, args.type, verify=not args.no_verify)
+    print(json.dumps(res, indent=2))
+
+
 def add_report(sub):
     p = sub.add_parser("report", help="plots and a self-contained HTML report of a run",
                        description="Write RUN/plots/*.png and RUN/report.html (config, metrics, plots, samples).")
@@ -269,7 +290,7 @@ def cmd_sweep(args):
 
 
 # ---------------------------------------------------------------- registry
-COMMANDS = [add_train, add_data, add_sweep, add_eval, add_compare, add_chat, add_merge, add_report]
+COMMANDS = [add_train, add_data, add_sweep, add_eval, add_compare, add_chat, add_merge, add_export, add_report]
 
 
 def main(argv: list[str] | None = None) -> int:
