@@ -177,8 +177,8 @@ def full_state_dict(s) -> dict | None:
     return sd if s.acc.is_main_process else None
 
 
-def load_sharded(path, model, optimizer, scheduler, acc) -> dict:
-    """Resume under FSDP from a checkpoint of full tensors: each process keeps its shard."""
+def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """`checkpoint.load_checkpoint` under FSDP: from full tensors, each process keeps its shard."""
     import json
     from pathlib import Path
 
@@ -212,5 +212,5 @@ def load_sharded(path, model, optimizer, scheduler, acc) -> dict:
                 st[k] = place(v, order[i])
     optimizer.load_state_dict(sd)
     scheduler.load_state_dict(meta["scheduler"])
-    _set_rng(load_file(str(path / "rng.safetensors")), meta["python_rng"], acc.process_index)
+    _set_rng(load_file(str(path / "rng.safetensors")), meta["python_rng"], rank)
     return meta["loop"]

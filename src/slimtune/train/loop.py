@@ -195,8 +195,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     loop = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_s": 0.0, "stopper": None}
     if ckpt is not None:
         load = distributed.load_sharded if distributed.is_sharded(model) else load_checkpoint
-        loop = load(ckpt, acc.unwrap_model(model), optimizer, scheduler,
-                    acc if distributed.is_sharded(model) else acc.process_index)
+        loop = load(ckpt, acc.unwrap_model(model), optimizer, scheduler, acc.process_index)
         log(f"resumed from {ckpt} at step {loop['step']}")
     own = []
     if acc.is_main_process:
