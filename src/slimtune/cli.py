@@ -71,6 +71,22 @@ def add_data(sub):
     sp.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
     sp.set_defaults(func=cmd_data_split)
 
+    md = dsub.add_parser("markdown-slice", help="a slice of chats whose answers gain Markdown lists and headings",
+                         description="Rewrite the last answer of some chats with Markdown structure: enumerations "
+                                     "become lists, long answers get a heading; code, numbers and names unchanged.")
+    md.add_argument("file")
+    md.add_argument("--limit", type=int, help="at most N chats (a seeded sample of those that changed)")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--heading-words", type=int, default=60, help="answers this long get a heading (default 60)")
+    md.add_argument("--out", required=True)
+    md.set_defaults(func=cmd_data_markdown_slice)
+
+    ng = dsub.add_parser("neg-guard", help="prompts that tempt stray chat tags and role names, with clean answers")
+    ng.add_argument("--limit", type=int, help="a seeded sample of N pairs (default: all)")
+    ng.add_argument("--seed", type=int, default=0)
+    ng.add_argument("--out", required=True)
+    ng.set_defaults(func=cmd_data_neg_guard)
+
 
 def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
     from .data.prepare import read_chats
@@ -120,6 +136,23 @@ def cmd_data_split(args):
     write_chats(train, out / "train.jsonl")
     write_chats(val, out / "val.jsonl")
     print(f"wrote {len(train)} train and {len(val)} val chats to {out}")
+
+
+def cmd_data_markdown_slice(args):
+    from .data.builders import markdown_slice
+    from .data.tools import write_chats
+    chats = _read_any(args.file)
+    out = markdown_slice(chats, args.limit, args.seed, args.heading_words)
+    write_chats(out, args.out)
+    print(f"wrote {len(out)} chats to {args.out} (of {len(chats)} read)")
+
+
+def cmd_data_neg_guard(args):
+    from .data.builders import neg_guard
+    from .data.tools import write_chats
+    chats = neg_guard(args.limit, args.seed)
+    write_chats(chats, args.out)
+    print(f"wrote {len(chats)} chats to {args.out}")
 
 
 # ---------------------------------------------------------------- eval, compare, chat, merge, report
