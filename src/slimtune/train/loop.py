@@ -99,11 +99,13 @@ def train(cfg: Config, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- model, data, method
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.chat_template)
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation,
                        quantize_4bit=cfg.method.name == "qlora", device=str(acc.device))
-    data = prepare(cfg.data, tokenizer, tc.seed)
+    data = prepare(cfg.data, tokenizer, tc.seed, log=log)
+    if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
+        cfg.data.packing = data.stats.get("format") == "text"
     ref_model = None
     if cfg.method.name == "full" and (cfg.loss.kl_lambda > 0 or cfg.eval.kl):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # full FT: a frozen copy is the base
