@@ -45,6 +45,26 @@ def read_chats(spec: str, fmt: str = "auto", system_prompt: str | None = None, s
     return mix(parts, seed=seed, fmt=fmt, system_prompt=system_prompt, log=lambda *_: None)
 
 
+def read_records(spec: str, cfg: DataCfg, seed: int = 0) -> list[dict]:
+    """Every row of a source in its canonical form: {"messages"} for chat formats,
+    {"prompt", "completion"} (as message lists) for prompt_completion, {"text"} for raw text."""
+    from .reader import Reader
+    if _is_mix(spec):
+        return [{"messages": c} for c in read_chats(spec, cfg.format, cfg.system_prompt, seed)]
+    source = open_source(spec.strip(), cfg.split, cfg.subset)
+    reader = Reader(source, cfg.format, cfg.columns, cfg.system_prompt)
+    out = []
+    for line, row in source.rows():
+        kind, value = reader.record(line, row)
+        if kind == "text":
+            out.append({"text": value})
+        elif value[1] is not None:  # prompt_completion: keep which part is trained
+            out.append({"prompt": value[0][:-1], "completion": value[0][-1:]})
+        else:
+            out.append({"messages": value[0]})
+    return out
+
+
 def chats_source(chats: list[Messages], name: str) -> Source:
     """An in-memory Source of ChatML rows (for mixes and chitchat), fingerprinted by content."""
     from datasets import Dataset
@@ -78,6 +98,7 @@ def examples(rendered: Rendered, rows: set[int] | None = None, drop_untrained: b
     st = RenderStats()
     chosen = []
     for i in keep:
+        st.truncated += bool(truncated[i])  # dropped ones too, as render_all counts them
         if n_trained[i] == 0:
             if not drop_untrained:
                 raise DataError("no trained tokens left after truncation; raise data.max_length or set "
@@ -90,7 +111,6 @@ def examples(rendered: Rendered, rows: set[int] | None = None, drop_untrained: b
     out = [{"input_ids": ids_col[i].as_py(), "labels": lab_col[i].as_py()} for i in chosen]
     for i, ex in zip(chosen, out):
         st.examples += 1
-        st.truncated += bool(truncated[i])
         st.tokens += len(ex["input_ids"])
         st.trained_tokens += n_trained[i]
         st.lengths.append(len(ex["input_ids"]))

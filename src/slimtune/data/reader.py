@@ -68,7 +68,7 @@ class Reader:
         return out
 
     def detect(self, row: dict, line: int) -> str:
-        keys = {k for k, v in row.items() if v is not None}
+        keys = set(row)
         if "text" in keys and any(sig <= keys for n, sig in SIGNATURES.items() if n != "text"):
             keys.discard("text")  # a chat with a spare 'text' column is a chat
         try:

@@ -98,6 +98,9 @@ def _drop_nulls(value):
 
 def open_source(spec: str, split: str | None = None, subset: str | None = None) -> Source:
     """Open `spec` (see module doc). Raises DataError, one line, for anything it cannot read."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # one line per error, and no bars from reading a 3-row CSV
     spec = str(spec)
     if spec.startswith("hf:"):
         return _open_hub(spec[3:], split or "train", subset)
@@ -271,9 +274,15 @@ def _tabular(path: Path, kind: str) -> Source:
         ds = Dataset.from_parquet(str(path), cache_dir=cache)
     else:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        import csv
+
+        from datasets import Features, Value
         with open(path, "rb") as f:
-            _decode(f.readline(), path, 1)  # the header: BOM and encoding checks with a line number
-        ds = Dataset.from_csv(str(path), cache_dir=cache, sep=sep, encoding="utf-8-sig")
+            header = _decode(f.readline(), path, 1)  # BOM and encoding checks with a line number
+        names = next(csv.reader([header.removeprefix("\ufeff")], delimiter=sep), [])
+        # CSV has no types: every cell is text ("4" stays "4"), an empty cell is "" not NaN
+        ds = Dataset.from_csv(str(path), cache_dir=cache, sep=sep, encoding="utf-8-sig", keep_default_na=False,
+                              features=Features({n: Value("string") for n in names}))
     if len(ds) == 0:
         raise DataError("the file holds no rows", path=str(path))
     return Source(str(path), kind, ds, file_hash(path))
