@@ -82,3 +82,34 @@ def test_a_bad_row_fails_with_its_line_from_any_process(tmp_path, tokenizer):
     for n in (1, 2):
         with pytest.raises(DataError, match=r"c.jsonl:14 field 'messages\[1\]\.content': no assistant turn"):
             render_source(open_source(p), tokenizer, num_proc=n)
+
+
+def test_text_data_trains_packed_by_default(tmp_path, tiny_dir):
+    import yaml
+
+    from slimtune.config import build_config
+    from slimtune.train.loop import train
+    p = jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * (1 + i % 3)}
+                                     for i in range(12)])
+    out = tmp_path / "run"
+    cfg = build_config({}, [f"model.name={tiny_dir}", f"data.train={p}", "data.max_length=32", "data.general_prompts=",
+                            "train.max_steps=1", "train.batch_size=4", "train.progress=false", "method.r=4",
+                            f"train.output_dir={out}", "eval.max_examples=2"])
+    train(cfg, log=lambda *_: None)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert saved["packing"] is True and json.loads((out / "data_stats.json").read_text())["format"] == "text"
+
+
+def test_cli_convert_keeps_prompt_completion_and_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slimtune.cli import main
+    pq.write_table(pa.Table.from_pylist([{"q": "2+2?", "a": "4"}]), tmp_path / "pc.parquet")
+    assert main(["data", "convert", str(tmp_path / "pc.parquet"), "--columns", "prompt=q,completion=a",
+                 "--out", str(tmp_path / "pc.jsonl")]) == 0
+    assert json.loads((tmp_path / "pc.jsonl").read_text()) == {
+        "prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+    jsonl(tmp_path / "t.jsonl", [{"text": "hello"}, {"text": "world"}])
+    assert main(["data", "split", str(tmp_path / "t.jsonl"), "--val", "0.5", "--out-dir", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "val.jsonl").read_text())["text"] in ("hello", "world")
