@@ -49,6 +49,8 @@ class Reader:
         self.mapping = parse_columns(columns)
         self.back = {theirs: ours for ours, theirs in self.mapping.items()}
         self.per_row = source.is_json and fmt == "auto"  # JSON rows may differ: detect each, as before
+        if len(source) == 0:
+            raise DataError("the source holds no rows", path=self.name)
         line, first = source.row(0)
         missing = [t for t in self.mapping.values() if t not in first]
         if missing:
