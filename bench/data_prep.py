@@ -120,9 +120,9 @@ def table(results: list[dict], meta: dict) -> str:
         f"from chitchat-dataset ({meta['bytes'] / 2**20:.1f} MB JSONL), tokenizer {meta['model']}, "
         f"max_length {meta['max_length']}, {meta['tokens']:,} tokens in all. Each row is a fresh process with "
         "its own cache folder. cold = JSONL -> Arrow + render every chat; cached = the same run again, both "
-        "loaded from the disk cache. Peak memory: the process and its workers, summed.",
+        "loaded from the disk cache. Peak memory: the PSS of the process and its workers, summed (shared pages count once).",
         "",
-        "| scenario | processes | read s | render s | total s | chats/s | peak RSS MB |",
+        "| scenario | processes | read s | render s | total s | chats/s | peak memory MB (PSS) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
