@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models and tokenizers (tests/tiny.py), never the network."""
 
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub 
 # 2-core machine made the suite 4-6x slower; subprocess tests inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Sources and rendered examples are cached on disk: keep the tests' copies out of the user's cache.
+os.environ.setdefault("SLIMTUNE_DATA_CACHE", tempfile.mkdtemp(prefix="slimtune-test-data-"))
 
 from tiny import make_tokenizer, save_tiny  # noqa: E402
 

@@ -6,6 +6,7 @@ Chat-template families covered (each a real template shape seen in the wild):
 - llama3:          header tokens, end of turn <|eot_id|> that is NOT eos (<|end_of_text|>)
 - default_system:  ChatML that injects a default system prompt when none is given (SmolLM2 style)
 - qwen3, smollm3, llama3_first, llama31, gemma, mistral, phi3: see tests/templates.py
+- base:            no chat template at all, eos = <|endoftext|> (a base model: model.chat_template)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ FAMILIES = {
                    eos="<|end_of_text|>", bos="<|begin_of_text|>", pad="<|end_of_text|>"),
     "default_system": dict(template=DEFAULT_SYSTEM, specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
                            eos="<|im_end|>", bos=None, pad="<|endoftext|>"),
+    "base": dict(template=None, specials=["<|endoftext|>"], eos="<|endoftext|>", bos=None, pad=None),
     "rewriting": dict(template=REWRITING, specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
                       eos="<|im_end|>", bos=None, pad="<|endoftext|>"),
 }

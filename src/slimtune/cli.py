@@ -35,17 +35,34 @@ def cmd_train(args):
 
 
 # ---------------------------------------------------------------- data
+SOURCES = ("a .jsonl/.json (.gz/.zst), .parquet, .csv or .arrow file, a save_to_disk folder, hf:org/name, "
+           "builtin:instructions, or chitchat[:N]")
+
+
+def _source_options(p, fmt: bool = True):
+    """Options every data command shares: how to read the source."""
+    if fmt:
+        p.add_argument("--format", default="auto", help="auto, messages, alpaca, dolly, sharegpt, "
+                                                        "prompt_completion, text")
+    p.add_argument("--columns", help="our field=your column, e.g. instruction=question,output=answer")
+    p.add_argument("--split", help="split of a hf: dataset or a DatasetDict folder (default: train)")
+    p.add_argument("--subset", help="subset (config name) of a hf: dataset")
+
+
 def add_data(sub):
-    p = sub.add_parser("data", help="inspect, convert, mix and split chat data")
+    p = sub.add_parser("data", help="inspect, convert, mix and split chat data; build style data")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
 
-    s = dsub.add_parser("stats", help="examples, tokens, trained-token share, lengths; one example with its mask")
-    s.add_argument("file", help="JSON/JSONL file, builtin:instructions, or chitchat[:N]")
+    s = dsub.add_parser("stats", help="format, columns, examples, tokens, trained-token share, lengths; "
+                                      "one example with its mask")
+    s.add_argument("file", help=SOURCES)
     s.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
-    s.add_argument("--format", default="auto")
+    s.add_argument("--chat-template", help="for a base model: chatml, llama3, alpaca, zephyr or a .jinja file")
+    _source_options(s)
     s.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"])
     s.add_argument("--max-length", type=int, default=512)
     s.add_argument("--system-prompt")
+    s.add_argument("--num-proc", type=int, default=1, help="rendering processes (default 1)")
     s.add_argument("--show", type=int, default=1, help="how many examples to print with their mask")
     s.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     s.set_defaults(func=cmd_data_stats)
@@ -55,51 +72,84 @@ def add_data(sub):
     t.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
     t.set_defaults(func=cmd_data_check_template)
 
-    c = dsub.add_parser("convert", help="any supported format (or chitchat) -> ChatML messages JSONL")
-    c.add_argument("file", help="input file, or chitchat[:N] for the chitchat-dataset package")
+    c = dsub.add_parser("convert", help="any supported source -> JSONL (ChatML messages; prompt/completion; text)")
+    c.add_argument("file", help=SOURCES)
     c.add_argument("--out", required=True)
-    c.add_argument("--format", default="auto")
+    _source_options(c)
     c.add_argument("--system-prompt")
     c.set_defaults(func=cmd_data_convert)
 
-    m = dsub.add_parser("mix", help="weighted mix with seeded shuffle and dedupe: a.jsonl:3 b.jsonl:1")
-    m.add_argument("files", nargs="+", help="FILE[:WEIGHT]; weight 3 = repeat x3, 0.5 = a random half")
+    m = dsub.add_parser("mix", help="weighted mix with seeded shuffle and dedupe: a.jsonl:3 b.parquet:1")
+    m.add_argument("files", nargs="+", help="SOURCE[:WEIGHT]; weight 3 = repeat x3, 0.5 = a random half")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-dedupe", action="store_true")
+    _source_options(m)
     m.set_defaults(func=cmd_data_mix)
 
     sp = dsub.add_parser("split", help="seeded train/val split")
-    sp.add_argument("file")
+    sp.add_argument("file", help=SOURCES)
     sp.add_argument("--val", type=float, default=0.1, help="held-out fraction")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
+    _source_options(sp)
     sp.set_defaults(func=cmd_data_split)
 
+    md = dsub.add_parser("markdown-slice", help="a slice of chats whose answers gain Markdown lists and headings",
+                         description="Rewrite the last answer of some chats with Markdown structure: enumerations "
+                                     "become lists, long answers get a heading; code, numbers and names unchanged.")
+    md.add_argument("file", help=SOURCES)
+    md.add_argument("--limit", type=int, help="at most N chats (a seeded sample of those that changed)")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--heading-words", type=int, default=60, help="answers this long get a heading (default 60)")
+    md.add_argument("--out", required=True)
+    _source_options(md)
+    md.set_defaults(func=cmd_data_markdown_slice)
 
-def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
+    ng = dsub.add_parser("neg-guard", help="prompts that tempt stray chat tags and role names, with clean answers")
+    ng.add_argument("--limit", type=int, help="a seeded sample of N pairs (default: all)")
+    ng.add_argument("--seed", type=int, default=0)
+    ng.add_argument("--out", required=True)
+    ng.set_defaults(func=cmd_data_neg_guard)
+
+
+def _data_cfg(args, **kw):
+    from .config import DataCfg
+    return DataCfg(format=getattr(args, "format", "auto"), columns=args.columns or {}, split=args.split,
+                   subset=args.subset, system_prompt=getattr(args, "system_prompt", None), **kw)
+
+
+def _read_any(args):
     from .data.prepare import read_chats
-    return read_chats(spec, fmt, system_prompt)
+    cfg = _data_cfg(args)
+    return read_chats(args.file, cfg.format, cfg.system_prompt, columns=cfg.columns, split=cfg.split,
+                      subset=cfg.subset)
 
 
 def cmd_data_stats(args):
+    from .data.prepare import examples, render
     from .data.template_check import summary
-    from .data.tools import highlight, render_all
+    from .data.tools import highlight
     from .models import load_tokenizer
 
-    chats = _read_any(args.file, args.format, args.system_prompt)
-    tok = load_tokenizer(args.model)
-    examples, st = render_all(chats, tok, args.train_on, args.max_length, source=args.file)
-    stats = st.summary()
+    cfg = _data_cfg(args, train_on=args.train_on, max_length=args.max_length, num_proc=args.num_proc)
+    tok = load_tokenizer(args.model, chat_template=args.chat_template)
+    rendered = render(args.file, cfg, tok)
+    exs, st = examples(rendered, source=args.file)
+    stats = {"format": rendered.format, "columns": rendered.columns, "rows": rendered.n_rows, **st.summary()}
     if args.json:
         print(json.dumps(stats, indent=2))
         return
+    cols = ", ".join(f"{ours} <- {theirs}" for ours, theirs in rendered.columns.items()) or "the format's own names"
     print(f"{args.file}  (tokenizer: {args.model}, train_on={args.train_on}, max_length={args.max_length})")
-    print(f"  template: {summary(tok)}")
-    for k, v in stats.items():
+    print(f"  template          {summary(tok)}")
+    print(f"  format            {rendered.format} (detected)" if args.format == "auto" else
+          f"  format            {rendered.format}")
+    print(f"  columns           {cols}")
+    for k, v in st.summary().items():
         print(f"  {k:<17} {v:,}" if isinstance(v, int) else f"  {k:<17} {v}")
     color = sys.stdout.isatty()
-    for ex in examples[: args.show]:
+    for ex in exs[: args.show]:
         mark = "green" if color else "[[ ]]"
         print(f"\nexample with trained tokens in {mark}:\n" + highlight(ex, tok, color))
 
@@ -112,15 +162,23 @@ def cmd_data_check_template(args):
 
 
 def cmd_data_convert(args):
-    from .data.tools import write_chats
-    chats = _read_any(args.file, args.format, args.system_prompt)
-    write_chats(chats, args.out)
-    print(f"wrote {len(chats)} chats to {args.out}")
+    from .data.tools import write_records
+    rows = _read_records(args)
+    write_records(rows, args.out)
+    print(f"wrote {len(rows)} rows to {args.out}")
+
+
+def _read_records(args):
+    from .data.prepare import read_records
+    cfg = _data_cfg(args)
+    return read_records(args.file, cfg)
 
 
 def cmd_data_mix(args):
     from .data.tools import mix, write_chats
-    chats = mix(args.files, seed=args.seed, do_dedupe=not args.no_dedupe)
+    cfg = _data_cfg(args)
+    chats = mix(args.files, seed=args.seed, fmt=cfg.format, do_dedupe=not args.no_dedupe, columns=cfg.columns,
+                split=cfg.split, subset=cfg.subset)
     write_chats(chats, args.out)
     print(f"wrote {len(chats)} chats to {args.out}")
 
@@ -128,12 +186,29 @@ def cmd_data_mix(args):
 def cmd_data_split(args):
     from pathlib import Path
 
-    from .data.tools import split, write_chats
-    train, val = split(_read_any(args.file), args.val, args.seed)
+    from .data.tools import split, write_records
+    train, val = split(_read_records(args), args.val, args.seed)
     out = Path(args.out_dir)
-    write_chats(train, out / "train.jsonl")
-    write_chats(val, out / "val.jsonl")
-    print(f"wrote {len(train)} train and {len(val)} val chats to {out}")
+    write_records(train, out / "train.jsonl")
+    write_records(val, out / "val.jsonl")
+    print(f"wrote {len(train)} train and {len(val)} val rows to {out}")
+
+
+def cmd_data_markdown_slice(args):
+    from .data.builders import markdown_slice
+    from .data.tools import write_chats
+    chats = _read_any(args)
+    out = markdown_slice(chats, args.limit, args.seed, args.heading_words)
+    write_chats(out, args.out)
+    print(f"wrote {len(out)} chats to {args.out} (of {len(chats)} read)")
+
+
+def cmd_data_neg_guard(args):
+    from .data.builders import neg_guard
+    from .data.tools import write_chats
+    chats = neg_guard(args.limit, args.seed)
+    write_chats(chats, args.out)
+    print(f"wrote {len(chats)} chats to {args.out}")
 
 
 # ---------------------------------------------------------------- eval, compare, chat, merge, report

@@ -31,7 +31,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 """Weight dtypes; models.DTYPES maps them to torch dtypes."""
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
-FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt")
+FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt", "prompt_completion", "text")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -47,6 +47,9 @@ class ModelCfg:
     """Run model code shipped with a hub repo. Off unless you trust the repo."""
     attn_implementation: str = "sdpa"
     """sdpa, eager, or flash_attention_2 (CUDA)."""
+    chat_template: str | None = None
+    """For base models without one: chatml, llama3, alpaca, zephyr, or a .jinja file. Replaces the
+    tokenizer's template; saved with the run, so eval, chat, merge and export use it too."""
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, DTYPES)
@@ -55,13 +58,26 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     train: str | None = None
-    """Training file (JSON/JSONL), several as 'a.jsonl:3,b.jsonl:1' (weights), or 'builtin:instructions'."""
+    """Training data: a .jsonl/.json(.gz/.zst), .parquet, .csv or .arrow file, a save_to_disk folder,
+    hf:org/name, 'builtin:instructions', or several chat files as 'a.jsonl:3,b.jsonl:1' (weights)."""
     val: str | None = None
     """Held-out file. When empty, `val_fraction` of train is split off (seeded)."""
     val_fraction: float = 0.1
     """Share of data.train held out (seeded) when data.val is empty."""
     format: str = "auto"
-    """auto, messages (ChatML), alpaca, dolly, sharegpt."""
+    """auto, messages (ChatML), alpaca, dolly, sharegpt, prompt_completion, text (raw text)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field -> the file's column, e.g. {instruction: question, output: answer} or
+    {messages: conversation}; on the command line instruction=question,output=answer."""
+    split: str | None = None
+    """Split of a hf: dataset or a DatasetDict folder. Empty: train."""
+    subset: str | None = None
+    """Subset (config name) of a hf: dataset."""
+    num_proc: int = 1
+    """Processes that render and mask examples (datasets.map); 1 renders in this process."""
+    cache: bool = True
+    """Keep rendered examples on disk (<cache>/data), keyed by the file's content, tokenizer,
+    template and these settings, so a second run and `eval` skip rendering."""
     system_prompt: str | None = None
     """Added to chats that have no system turn (formats without one: alpaca, dolly...)."""
     train_on: str = "assistant"
@@ -75,8 +91,9 @@ class DataCfg:
     """Drop (and count) examples whose trained tokens were all truncated away; False raises."""
     max_examples: int | None = None
     """Use only the first N training examples (after shuffling)."""
-    packing: bool = False
-    """Pack several examples per row (position ids restart, no attention across examples)."""
+    packing: bool | None = None
+    """Pack several examples per row (position ids restart, no attention across examples).
+    Empty: on for raw text (continued pre-training), off for chats."""
     group_by_length: bool = True
     """Batch examples of similar length together to waste little on padding."""
     general_prompts: str | None = "builtin:general_prompts"
@@ -89,6 +106,10 @@ class DataCfg:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
+        from .data.reader import parse_columns
+        self.columns = parse_columns(self.columns)
 
 
 @dataclass
@@ -344,6 +365,14 @@ def _coerce(key: str, raw, typ):
                     raise ValueError("expected a list like [a, b]")
                 (inner,) = typing.get_args(opt) or (str,)
                 return [inner(v) for v in val]
+            if origin is dict:  # {a: b} in YAML, or 'a=b,c=d' / '{a: b}' on the command line
+                val = raw
+                if isinstance(raw, str):
+                    val = yaml.safe_load(raw) if raw.lstrip().startswith("{") else \
+                        dict(p.split("=", 1) for p in raw.split(",") if "=" in p)
+                if not isinstance(val, dict):
+                    raise ValueError("expected a mapping like {a: b} or a=b,c=d")
+                return {str(k): str(v) for k, v in val.items()}
             if origin in (int, float):
                 if isinstance(raw, bool):
                     raise ValueError("expected a number")

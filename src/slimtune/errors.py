@@ -10,7 +10,7 @@ class DataError(SlimtuneError):
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None,
                  field: str | None = None):
-        self.path, self.line, self.field = path, line, field
+        self.path, self.line, self.field, self.message = path, line, field, message
         where = ":".join(str(x) for x in (path, line) if x is not None)
         if field:
             where = f"{where} field '{field}'" if where else f"field '{field}'"

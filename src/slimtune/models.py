@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.utils import atomic_dir
+from slimtune.utils import atomic_dir, cache_dir  # noqa: F401  (cache_dir: models live in <cache>/models)
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HOW_TO = ("use the embedded model 'smollm2-135m', a local model folder, or a .gguf file; "
           "hub ids need network (or the model already in the Hugging Face cache)")
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-
-
-def cache_dir() -> Path:
-    """$SLIMTUNE_CACHE, else ~/.cache/slimtune. Converted models live in <cache>/models/<name>."""
-    return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune").expanduser()
 
 
 def resolve_model(name: str) -> str:
@@ -84,10 +79,12 @@ def resolve_model(name: str) -> str:
     return name  # a hub id, or a relative folder that does not exist: the load says which
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
     """Load the tokenizer for `name` (see resolve_model). Returns a PreTrainedTokenizerBase with
     pad_token set (an existing pad-like token, else eos) and a chat template.
 
+    chat_template: chatml | llama3 | alpaca | zephyr | path/to/template.jinja replaces the
+    tokenizer's own (model.chat_template; for base models that have none).
     When pad == eos, padding must be masked by attention_mask, not by pad id.
     """
     from transformers import AutoTokenizer
@@ -102,10 +99,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         if pad is None:
             raise SlimtuneError(f"tokenizer of model '{name}' has neither a pad nor an eos token")
         tok.pad_token = pad
+    if chat_template:
+        from slimtune.data.templates import chat_template as template_for
+        tok.chat_template = template_for(chat_template, tok)
     if not tok.chat_template:
         raise SlimtuneError(
-            f"model '{name}' has no chat template: slimtune trains chat models, so use an instruct "
-            f"model or add a chat_template (chat_template.jinja) to the tokenizer folder {path}")
+            f"model '{name}' has no chat template (a base model?): set model.chat_template to chatml, llama3, "
+            f"alpaca, zephyr or a .jinja file (data commands: --chat-template), or use an instruct model")
     return tok
 
 

@@ -12,6 +12,12 @@ from pathlib import Path
 import torch
 
 
+def cache_dir() -> Path:
+    """$SLIMTUNE_CACHE, else ~/.cache/slimtune. Converted models live in <cache>/models/<name>,
+    cached data in <cache>/data."""
+    return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune").expanduser()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)

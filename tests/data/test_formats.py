@@ -49,7 +49,7 @@ def test_json_list_file_and_system_prompt(tmp_path):
     ([CHAT, {"instruction": "a", "output": "b"}], 2, None, "one file holds one format"),
     ([{"instruction": "a", "output": ""}], 1, "output", "missing or empty"),
     ([{"conversations": [{"from": "alien", "value": "x"}]}], 1, "conversations[0].from", "unknown role"),
-    ([{"prompt": "x", "completion": "y"}], 1, None, "cannot tell the format"),
+    ([{"question": "x", "answer": "y"}], 1, None, "cannot tell the format"),
     ([CHAT, CHAT, {"messages": "hello"}], 3, "messages", "non-empty list"),
 ], ids=["bad_json", "unknown_role", "empty_assistant", "missing_assistant", "not_ending_assistant",
         "mixed_formats", "alpaca_missing_output", "sharegpt_role", "unknown_format", "messages_not_list"])

@@ -8,6 +8,10 @@ Formats (detected per file from the first row's keys, or named):
 - alpaca:   {"instruction", "input" (optional), "output"}
 - dolly:    {"instruction", "context" (optional), "response"}
 - sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
+- prompt_completion and text (raw text): see reader.py, which also maps a file's own column names.
+
+Files are opened by sources.py: JSON/JSONL (also .gz/.zst), parquet, CSV, Arrow, save_to_disk
+folders and hf:org/name.
 
 Every error is a DataError naming the file, the line (JSONL; the row number for a JSON list)
 and the field.
@@ -47,6 +51,8 @@ SIGNATURES = {
     "sharegpt": {"conversations"},
     "dolly": {"instruction", "response"},
     "alpaca": {"instruction", "output"},
+    "prompt_completion": {"prompt", "completion"},
+    "text": {"text"},
 }
 # Formats that hold a list of turns: (list key, role key, text key, role names -> ours, hint).
 TURN_LISTS = {
@@ -71,34 +77,10 @@ def resolve_path(spec: str) -> Path:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) for a JSONL file or a JSON file holding a list of objects."""
-    path = resolve_path(str(path))
-    text = path.read_text(encoding="utf-8")
-    rows: list[tuple[int, dict]] = []
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg}, column {e.colno}); fix the file or use JSONL",
-                            path=str(path), line=e.lineno) from None
-        if not isinstance(data, list):
-            raise DataError("a .json data file must hold a list of objects", path=str(path), line=1)
-        rows = list(enumerate(data, start=1))  # 'line' is the row number in a JSON list
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object",
-                                path=str(path), line=lineno) from None
-    for lineno, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object, got {type(row).__name__}", path=str(path), line=lineno)
-    if not rows:
-        raise DataError("the file holds no rows", path=str(path))
-    return rows
+    """(line number, row) for every row of a source (see sources.py): JSONL line numbers, else row
+    numbers. Small files only: large ones are read row by row through `sources.open_source`."""
+    from .sources import open_source
+    return list(open_source(str(path)).rows())
 
 
 def detect_format(row: dict, path: str = "?", line: int = 1) -> str:
@@ -229,22 +211,19 @@ def _validate(msgs: Messages, path, line, field_of) -> None:
                         path=path, line=line, field=field_of(len(msgs) - 1))
 
 
-def load_chats(path: str | Path, fmt: str = "auto", system_prompt: str | None = None) -> list[Messages]:
-    """Read a file of one format into a list of chats; mixed formats in one file are an error."""
-    rows = read_rows(path)
-    path = str(path)
-    first_fmt = detect_format(rows[0][1], path, rows[0][0]) if fmt == "auto" else fmt
-    chats = []
-    for line, row in rows:
-        row_fmt = detect_format(row, path, line) if fmt == "auto" else fmt
-        if row_fmt != first_fmt:
-            raise DataError(f"this row looks like '{row_fmt}' but the file starts as '{first_fmt}'; "
-                            "one file holds one format (convert with `slimtune data convert`)", path=path, line=line)
-        if not SIGNATURES[row_fmt] <= row.keys():
-            missing = sorted(SIGNATURES[row_fmt] - row.keys())[0]
-            raise DataError(f"missing for format '{row_fmt}'", path=path, line=line, field=missing)
-        chats.append(row_to_messages(row, row_fmt, path, line, system_prompt))
-    return chats
+def load_chats(path: str | Path, fmt: str = "auto", system_prompt: str | None = None,
+               columns: dict | str | None = None, split: str | None = None,
+               subset: str | None = None) -> list[Messages]:
+    """Read a source of one chat format into a list of chats; mixed formats in one file are an error.
+
+    columns: {our field: the file's column}; split/subset: which part of a folder or hf: dataset.
+    """
+    from .reader import Reader
+    from .sources import open_source
+
+    source = open_source(str(path), split, subset)
+    reader = Reader(source, fmt, columns, system_prompt)
+    return [reader.chat(line, row) for line, row in source.rows()]
 
 
 def chitchat_to_messages(conversation: dict, system_prompt: str | None = None) -> Messages | None:

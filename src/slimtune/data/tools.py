@@ -1,6 +1,7 @@
 """Data utilities: convert, mix (weights, shuffle, dedupe), split, and render + stats.
 
-All writers produce ChatML `messages` JSONL, written atomically.
+Writers produce JSONL, written atomically: ChatML `messages` for chats (mix always), and for
+convert / split the canonical row of the source's format (messages, prompt + completion, text).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def _row(chat: Messages) -> dict:
 
 
 def write_chats(chats: list[Messages], path: str | Path) -> None:
-    atomic_write_text(path, "".join(json.dumps(_row(c), ensure_ascii=False) + "\n" for c in chats))
+    write_records([_row(c) for c in chats], path)
+
+
+def write_records(rows: list[dict], path: str | Path) -> None:
+    """JSONL, one row a line: {"messages"}, {"prompt", "completion"} or {"text"}."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _normalise(chat: Messages) -> str:
@@ -78,7 +84,8 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def mix(specs: list[str], seed: int = 0, fmt: str = "auto", do_dedupe: bool = True,
-        system_prompt: str | None = None, log=print) -> list[Messages]:
+        system_prompt: str | None = None, log=print, columns: dict | None = None,
+        split: str | None = None, subset: str | None = None) -> list[Messages]:
     """Weighted mix: each source is deduplicated, then repeated `int(w)` times plus a seeded
     random `frac(w)` share of it (weight 3 = upsample x3, 0.5 = half), then all are shuffled."""
     rng = random.Random(seed)
@@ -86,7 +93,7 @@ def mix(specs: list[str], seed: int = 0, fmt: str = "auto", do_dedupe: bool = Tr
     seen = Deduper()  # shared across sources, so one chat never comes in through two of them
     for spec in specs:
         path, w = parse_weighted(spec)
-        chats = load_chats(path, fmt, system_prompt)
+        chats = load_chats(path, fmt, system_prompt, columns, split, subset)
         n_read, n_exact0, n_near0 = len(chats), seen.n_exact, seen.n_near
         if do_dedupe:
             chats = [c for c in chats if seen.keep(c)]

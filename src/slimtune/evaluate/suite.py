@@ -29,9 +29,9 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     general = []
     if cfg.data.general_prompts:
         general, _ = render_all(load_chats(cfg.data.general_prompts), tokenizer, source=cfg.data.general_prompts, **kw)
-    if data:
-        chats = load_chats(data, cfg.data.format, cfg.data.system_prompt)
-        return render_all(chats, tokenizer, source=data, **kw)[0], general, data
+    if data:  # any source (file, folder, hf:), read with the run's data settings; rendering is cached
+        from ..data.prepare import examples, render
+        return examples(render(data, cfg.data, tokenizer), source=data)[0], general, data
     try:
         prepared = prepare(cfg.data, tokenizer, cfg.train.seed)
     except SlimtuneError as e:

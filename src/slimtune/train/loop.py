@@ -150,11 +150,13 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     objective = objective or make_objective(cfg)
     method = method_of(cfg.method.name)
 
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.chat_template)
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation, quantize_4bit=method.four_bit,
                        device=str(acc.device))
-    data = prepare(cfg.data, tokenizer, tc.seed)
+    data = prepare(cfg.data, tokenizer, tc.seed, log=log)
+    if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
+        cfg.data.packing = data.stats.get("format") == "text"
     # The loss rebuilds logits from hidden states: check it against the model's own head once.
     probe = [r for r in data.train[:1] if "labels" in r] or data.general[:1]
     if probe:

@@ -1,0 +1,164 @@
+"""Every kind of source reads the same chats, or fails with one line that names the place."""
+
+import gzip
+import json
+
+import pytest
+
+from slimtune.cli import main
+from slimtune.data.formats import load_chats
+from slimtune.data.sources import open_source
+from slimtune.errors import DataError
+
+ROWS = [{"instruction": f"Say {w}", "output": f"{w}!"} for w in ("hi", "bye", "yes")]
+CHATS = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}] for r in ROWS]
+
+
+def jsonl_bytes(rows=ROWS) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def write_parquet(path, rows=ROWS):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_source(tmp_path, kind):
+    """The same three rows as each kind of source."""
+    import datasets
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    p = tmp_path / {"jsonl": "d.jsonl", "json": "d.json", "gz": "d.jsonl.gz", "zst": "d.jsonl.zst", "bom": "d.jsonl",
+                    "parquet": "d.parquet", "csv": "d.csv", "arrow": "d.arrow", "feather": "f.arrow",
+                    "disk": "ds", "diskdict": "dd"}[kind]
+    if kind == "jsonl":
+        p.write_bytes(jsonl_bytes())
+    elif kind == "json":
+        p.write_text(json.dumps(ROWS))
+    elif kind == "gz":
+        p.write_bytes(gzip.compress(jsonl_bytes()))
+    elif kind == "zst":
+        import zstandard
+        p.write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes()))
+    elif kind == "bom":
+        p.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes())
+    elif kind == "parquet":
+        write_parquet(p)
+    elif kind == "csv":
+        pd.DataFrame(ROWS).to_csv(p, index=False)
+    elif kind == "arrow":  # the Arrow stream format `datasets` writes
+        datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "tmp")
+        p.write_bytes(next((tmp_path / "tmp").glob("*.arrow")).read_bytes())
+    elif kind == "feather":
+        feather.write_feather(pa.Table.from_pylist(ROWS), p)
+    elif kind == "disk":
+        datasets.Dataset.from_list(ROWS).save_to_disk(p)
+    elif kind == "diskdict":
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                              "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(p)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "gz", "zst", "bom", "parquet", "csv", "arrow", "feather",
+                                  "disk", "diskdict"])
+def test_every_source_reads_the_same_chats(tmp_path, kind):
+    p = write_source(tmp_path, kind)
+    split = "test" if kind == "diskdict" else None
+    assert load_chats(p, split=split) == CHATS
+    assert load_chats(p, split=split) == CHATS  # again, from the cache
+
+
+def test_dataset_dict_folder_names_its_splits(tmp_path):
+    p = write_source(tmp_path, "diskdict")
+    assert len(load_chats(p)) == 1  # train by default
+    with pytest.raises(DataError, match="no split 'validation'.*train, test"):
+        load_chats(p, split="validation")
+
+
+def test_nested_messages_in_parquet_lose_arrow_nulls(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "name": "x"}]},
+            {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    src = open_source(str(write_parquet(tmp_path / "m.parquet", rows)))
+    assert [r for _, r in src.rows()][1] == rows[1]  # Arrow gave row 2 a null 'name': dropped
+    assert load_chats(src.name)[1][1] == {"role": "assistant", "content": "d"}
+
+
+def test_jsonl_line_numbers_survive_blank_lines_and_compression(tmp_path):
+    p = tmp_path / "d.jsonl.gz"
+    p.write_bytes(gzip.compress(b"\n" + jsonl_bytes(ROWS[:1]) + b"\n" + b'{"instruction": "x", "output": ""}\n'))
+    with pytest.raises(DataError) as e:
+        load_chats(p)
+    assert str(e.value).startswith(f"{p}:4 field 'output'")
+
+
+def test_non_utf8_text_is_refused_naming_line_and_encoding(tmp_path):
+    p = tmp_path / "latin.jsonl"
+    p.write_bytes(jsonl_bytes(ROWS[:1]) + json.dumps({"instruction": "Café crème", "output": "très bien"},
+                                                     ensure_ascii=False).encode("cp1252") + b"\n")
+    with pytest.raises(DataError) as e:
+        load_chats(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:2: not UTF-8") and "iconv" in msg and "\n" not in msg
+    assert any(enc in msg for enc in ("CP1252", "LATIN", "ISO-8859", "CP125"))
+
+
+def test_utf16_file_is_refused(tmp_path):
+    p = tmp_path / "u16.jsonl"
+    p.write_bytes(jsonl_bytes().decode().encode("utf-16"))
+    with pytest.raises(DataError, match=r":1: the file is UTF-16"):
+        load_chats(p)
+
+
+@pytest.mark.parametrize("contents, holds", [
+    ({"a.txt": "x", "b.txt": "y", "sub/c.md": "z"}, "2 .txt files, 1 folder (sub)"),
+    ({}, "nothing (it is empty)"),
+])
+def test_folder_that_is_not_a_dataset_says_what_it_holds(tmp_path, contents, holds):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for name, text in contents.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    with pytest.raises(DataError, match="not a dataset folder") as e:
+        load_chats(folder)
+    assert holds in str(e.value)
+
+
+def test_unknown_and_damaged_files_fail_in_one_line(tmp_path):
+    (tmp_path / "d.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match="cannot read '.xlsx' files; give .jsonl"):
+        load_chats(tmp_path / "d.xlsx")
+    (tmp_path / "bad.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read it as parquet") as e:
+        load_chats(tmp_path / "bad.parquet")
+    assert "\n" not in str(e.value)
+
+
+def test_hub_source_offline_says_how_to_use_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        load_chats("hf:someone/some-set", split="validation", subset="en")
+    msg = str(e.value)
+    assert "HF_HUB_OFFLINE is set" in msg and "save_to_disk" in msg and "'en'" in msg and "validation" in msg
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "disk", "bom"])
+def test_cli_stats_reads_every_source_and_names_format(tmp_path, tiny_dir, capsys, kind):
+    p = write_source(tmp_path, kind)
+    assert main(["data", "stats", str(p), "--model", tiny_dir]) == 0
+    out = capsys.readouterr().out
+    assert "format            alpaca (detected)" in out and "examples          3" in out
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: (d / "x.jsonl").write_bytes("{\"a\": \"é\"}\n".encode("cp1252")) and d / "x.jsonl", "not UTF-8"),
+    (lambda d: (d / "dir").mkdir() or d / "dir", "not a dataset folder"),
+    (lambda d: (d / "y.parquet").write_bytes(b"nope") and d / "y.parquet", "cannot read it as parquet"),
+])
+def test_cli_bad_paths_end_in_one_line_not_a_traceback(tmp_path, tiny_dir, capsys, make, match):
+    assert main(["data", "stats", str(make(tmp_path)), "--model", tiny_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimtune: error: ") and match in err and err.count("\n") == 1
