@@ -142,7 +142,7 @@ def cmd_data_stats(args):
         return
     cols = ", ".join(f"{ours} <- {theirs}" for ours, theirs in rendered.columns.items()) or "the format's own names"
     print(f"{args.file}  (tokenizer: {args.model}, train_on={args.train_on}, max_length={args.max_length})")
-    print(f"  template          {summary(tok)}")
+    print(f"  template: {summary(tok)}")
     print(f"  format            {rendered.format} (detected)" if args.format == "auto" else
           f"  format            {rendered.format}")
     print(f"  columns           {cols}")

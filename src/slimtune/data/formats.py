@@ -40,7 +40,9 @@ class Chat(list):
 
 # Keys of a `messages` turn kept besides role and content, and the roles that may carry them.
 EXTRA_KEYS = {"reasoning_content": "assistant", "thinking": "assistant", "tool_calls": "assistant",
-              "tool_call_id": "tool", "name": "tool"}
+              "tool_call_id": "tool", "name": None}
+"""Extra turn fields kept for the template, and the role that may carry them (None: any role;
+OpenAI's `name` is a tool's name on tool turns and a participant's name elsewhere)."""
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
@@ -155,7 +157,7 @@ def _extras(m: dict, role: str, path, line, where) -> dict:
         val = m.get(key)
         if val is None or val == "" or val == []:
             continue
-        if role != owner:
+        if owner is not None and role != owner:
             raise DataError(f"only {owner} turns may carry '{key}'", path=path, line=line, field=f"{where}.{key}")
         if key == "tool_calls":
             _check_calls(val, path, line, f"{where}.{key}")

@@ -98,9 +98,10 @@ def _drop_nulls(value):
 
 def open_source(spec: str, split: str | None = None, subset: str | None = None) -> Source:
     """Open `spec` (see module doc). Raises DataError, one line, for anything it cannot read."""
-    from datasets.utils.logging import disable_progress_bar
+    from datasets.utils.logging import disable_progress_bar, set_verbosity
 
     disable_progress_bar()  # one line per error, and no bars from reading a 3-row CSV
+    set_verbosity(50)  # datasets logs its own copy of a read error; ours names the file and says what to do
     spec = str(spec)
     if spec.startswith("hf:"):
         return _open_hub(spec[3:], split or "train", subset)
