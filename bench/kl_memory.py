@@ -53,7 +53,7 @@ def run(spec: dict) -> dict:
 
     from slimtune.config import LossCfg, MethodCfg
     from slimtune.data.batching import collate, count_trained
-    from slimtune.train.forward import batch_loss, hidden_states, kl_positions, output_layer
+    from slimtune.train.forward import KLTerm, batch_loss, hidden_states, kl_positions, output_layer
     from slimtune.losses import reference_loss
     from slimtune.methods import apply_method
     from slimtune.models import load_model, load_tokenizer
@@ -81,8 +81,9 @@ def run(spec: dict) -> dict:
         with torch.no_grad():
             ref_h = hidden_states(ref, batch)[:, :-1]
         targets = batch["labels"][:, 1:]
-        mask = kl_positions(batch, targets, cfg)
-        w, b, cap = output_layer(model)
+        mask = kl_positions(batch, targets, KLTerm.from_cfg(cfg, cfg.kl_lambda))
+        head = output_layer(model)
+        w, b, cap = head.weight, head.bias, head.softcap
         H = h.shape[-1]                                             # every position, full logits
         return reference_loss(h.reshape(-1, H), w, targets.reshape(-1), bias=b, normaliser=n,
                               ref_hidden=ref_h.reshape(-1, H), kl_mask=mask.reshape(-1),
@@ -91,7 +92,7 @@ def run(spec: dict) -> dict:
     times, losses = [], []
     for _ in range(spec["steps"]):
         t = time.perf_counter()
-        out = naive_loss() if naive else batch_loss(model, batch, cfg, cfg.kl_lambda, n, want_kl=cfg.kl_lambda > 0)
+        out = naive_loss() if naive else batch_loss(model, batch, KLTerm.from_cfg(cfg, cfg.kl_lambda) if cfg.kl_lambda > 0 else None, n)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -78,7 +78,7 @@ def account(spec: dict) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        batch_loss(model, batch, LossCfg())
+        batch_loss(model, batch)
     n_tok = batch["input_ids"].numel()
     by = collections.Counter()
     for where, shape, nbytes in seen.values():
@@ -92,7 +92,9 @@ def account(spec: dict) -> dict:
 def variant(spec: dict) -> dict:
     from slimtune.config import LossCfg
     from slimtune.data.batching import count_trained, split_by_tokens
+    from slimtune.config import build_config
     from slimtune.train.loop import accumulate_grads
+    from slimtune.train.objectives import SFT
 
     budget, gc = VARIANTS[spec["variant"]]
     model, rows = setup(gc)
@@ -102,7 +104,7 @@ def variant(spec: dict) -> dict:
     out = {"loaded_rss_mb": round(loaded), "pieces": len(pieces), "step_s": [], "rss_mb": []}
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        ce, _ = accumulate_grads(model, pieces, n, 0, LossCfg(), 0.0)
+        ce = accumulate_grads(model, pieces, n, 0, SFT(build_config()))["ce"]
         model.zero_grad(set_to_none=True)
         out["step_s"].append(round(time.perf_counter() - t0, 2))
         out["rss_mb"].append(round(common.peak_rss_mb()))

@@ -147,7 +147,7 @@ def run(spec: dict) -> dict:
     from slimtune.methods import apply_method
     from slimtune.models import load_model, load_tokenizer
     from slimtune.train.optim import make_optimizer, make_scheduler
-    from slimtune.train.loop import epoch_rows, micro_budget
+    from slimtune.train.loop import epoch_rows
     from throughput import slim_raw
 
     cfg = build_config(slim_raw(spec, "/tmp/unused"), spec.get("overrides", []))
@@ -165,7 +165,7 @@ def run(spec: dict) -> dict:
     sched = make_scheduler(opt, cfg.train, spec["steps"], 0)
     pad = tok.pad_token_id
 
-    budget = micro_budget(cfg.train, "cpu")
+    budget = cfg.resolved("cpu").train.micro_batch_tokens
 
     def step(idx, rf=None):
         rf = rf or (lambda name: nullcontext())
@@ -210,9 +210,9 @@ def _loss_from_hidden(model, batch, hidden, loss_cfg, normaliser):
     h = hidden[:, :-1]
     targets = batch["labels"][:, 1:]
     sel = targets != -100
-    w, b, cap = output_layer(model)
-    return chunked_loss(h[sel], w, targets[sel], bias=b, normaliser=normaliser, chunk_size=loss_cfg.chunk_size,
-                        logit_softcap=cap)
+    head = output_layer(model)
+    return chunked_loss(h[sel], head.weight, targets[sel], normaliser=normaliser, chunk_size=loss_cfg.chunk_size,
+                        **head.kwargs())
 
 
 def summarise_profile(prof, wall: float) -> dict:

@@ -10,7 +10,7 @@ from slimtune.config import LossCfg, MethodCfg
 from slimtune.data.batching import collate
 from slimtune.data.render import render_chat
 from slimtune.errors import ConfigError
-from slimtune.train.forward import batch_loss, hidden_states
+from slimtune.train.forward import KLTerm, batch_loss, hidden_states
 from slimtune.methods import adapters_disabled, apply_method, parse_layers, target_modules, trainable_report
 
 CHATS = [[{"role": "user", "content": "What is the capital of France?"},
@@ -63,7 +63,7 @@ def test_method_trains_only_its_parameters_and_reloads(key, tok, tmp_path, tiny_
     model.train()
     losses = []
     for _ in range(4):
-        out = batch_loss(model, batch, LossCfg())
+        out = batch_loss(model, batch)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -93,16 +93,16 @@ def test_kl_is_zero_at_init_and_with_adapters_off(key, tok, tiny_dir):
     model = apply_method(make_model(tok), MethodCfg(**METHODS[key]), tokenizer_path=tiny_dir)
     batch = batch_of(tok)
     if key in ("lora",):  # LoRA B starts at zero: the tuned model IS the base
-        out = batch_loss(model, batch, LossCfg(), kl_lambda=0.1)
+        out = batch_loss(model, batch, KLTerm(weight=0.1))
         assert float(out.kl_sum) == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():  # move the adapter away from identity, then switch it off
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
-    out = batch_loss(model, batch, LossCfg(), want_kl=True)
+    out = batch_loss(model, batch, KLTerm())
     assert float(out.kl_sum) > 1e-4
     with adapters_disabled(model):
-        base_out = batch_loss(model, batch, LossCfg(), want_kl=True)
+        base_out = batch_loss(model, batch, KLTerm())
     assert float(base_out.kl_sum) == pytest.approx(0.0, abs=1e-6)
 
 

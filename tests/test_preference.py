@@ -142,9 +142,9 @@ def test_token_logps_values_kl_and_grads_match_float64(tok):
     rh = torch.randn(N, H, generator=g, dtype=torch.float64)
     t = torch.randint(V, (N,), generator=g)
     coef = torch.randn(N, generator=g, dtype=torch.float64)
-    for cap in (None, 3.0):
+    for scale, cap in ((None, None), (None, 3.0), (0.5, 2.0)):
         def logits(x):
-            z = x @ w.T + b
+            z = (x @ w.T + b) * (scale or 1.0)
             return z if cap is None else cap * torch.tanh(z / cap)
         lq = logits(h).log_softmax(-1)
         want = lq.gather(1, t[:, None]).squeeze(1)
@@ -153,7 +153,7 @@ def test_token_logps_values_kl_and_grads_match_float64(tok):
         want_kl = (lp.exp() * (lp - lq)).sum(-1).detach()
         gw = torch.autograd.grad((want * coef).sum(), (h, w, b))
         for chunk in (1, 5, 100):
-            out = token_logps(h, w, t, bias=b, ref_hidden=rh, chunk_size=chunk, logit_softcap=cap)
+            out = token_logps(h, w, t, bias=b, ref_hidden=rh, chunk_size=chunk, logit_softcap=cap, logit_scale=scale)
             torch.testing.assert_close(out.logps.double(), want.detach(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.ref_logps.double(), lp.gather(1, t[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.kl.double(), want_kl, rtol=1e-4, atol=1e-6)

@@ -50,7 +50,14 @@ def test_shipped_sweeps_are_valid():
 
     from slimtune.config import build_config
     from slimtune.sweep import _override_strings, load_sweep
-    for path in sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml")):
+    paths = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
+    assert paths, "no shipped sweep found"
+    for path in paths:
         base, grid, _ = load_sweep(path)
-        for combo in grid_runs(grid):
-            build_config(base, _override_strings(combo))
+        runs = list(grid_runs(grid))
+        assert len(runs) > 1, f"{path.name}: a sweep of one run"
+        for combo in runs:  # every run's config builds and carries its grid values
+            cfg = build_config(base, _override_strings(combo))
+            for key, value in combo.items():
+                section, name = key.split(".", 1)
+                assert getattr(getattr(cfg, section), name) == value, f"{path.name}: {key}"

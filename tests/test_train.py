@@ -17,6 +17,7 @@ from slimtune.data.render import IGNORE, render_chat
 from slimtune.train.forward import batch_loss, hidden_states
 from slimtune.methods import apply_method
 from slimtune.train.loop import accumulate_grads, train
+from slimtune.train.objectives import make_objective
 
 WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank joke".split()
 
@@ -60,12 +61,13 @@ def assert_pieces_give_the_whole_batch(tok, examples, pieces, kl_lambda):
     """The losses and gradients of `pieces` accumulated equal those of `examples` in one batch."""
     n_total = count_trained(examples)
     model = lora_model(tok)
-    ce8, kl8 = accumulate_grads(model, [examples], n_total, tok.pad_token_id, LossCfg(), kl_lambda)
+    objective = make_objective(build_config({}, [f"loss.kl_lambda={kl_lambda}"]))
+    s8 = accumulate_grads(model, [examples], n_total, tok.pad_token_id, objective)
     g8 = grads(model)
     model.zero_grad()
-    ce2, kl2 = accumulate_grads(model, pieces, n_total, tok.pad_token_id, LossCfg(), kl_lambda)
+    s2 = accumulate_grads(model, pieces, n_total, tok.pad_token_id, objective)
     g2 = grads(model)
-    assert ce2 == pytest.approx(ce8, rel=1e-5) and kl2 == pytest.approx(kl8, rel=1e-4, abs=1e-7)
+    assert s2["ce"] == pytest.approx(s8["ce"], rel=1e-5) and s2["kl"] == pytest.approx(s8["kl"], rel=1e-4, abs=1e-7)
     for n in g8:
         torch.testing.assert_close(g2[n], g8[n], atol=1e-6, rtol=1e-4)
 
@@ -100,8 +102,8 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tok, examples):
         want += per_example_ce(model, single, [(0, 0, b - a - 1)], w)
     assert got == pytest.approx(want, rel=1e-4)
     # and the loop's loss agrees in total
-    padded = batch_loss(model, collate(examples, tok.pad_token_id), LossCfg(), normaliser=1.0)
-    packed_loss = batch_loss(model, collate(packed, tok.pad_token_id), LossCfg(), normaliser=1.0)
+    padded = batch_loss(model, collate(examples, tok.pad_token_id), normaliser=1.0)
+    packed_loss = batch_loss(model, collate(packed, tok.pad_token_id), normaliser=1.0)
     assert float(packed_loss.ce_sum) == pytest.approx(float(padded.ce_sum), rel=1e-4)
     assert packed_loss.n_tokens == padded.n_tokens
 
@@ -119,14 +121,30 @@ def run_args(model_dir, data, out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+KILLER = """
+import os, signal, sys
+from slimtune.config import build_config
+from slimtune.train.callbacks import Callback
+from slimtune.train.loop import train
+
+class KillAfter(Callback):  # a real SIGKILL right after checkpoint N is complete
+    def on_checkpoint(self, step, path):
+        if step == int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(build_config({}, sys.argv[1:]), log=lambda *a: None, callbacks=[KillAfter()])
+"""
+
+
 def test_killed_run_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     data = write_data(tmp_path / "d.jsonl")
     cmd = [sys.executable, "-m", "slimtune.cli", "train"]
     ref, crashed = tmp_path / "ref", tmp_path / "crash"
     subprocess.run(cmd + run_args(tiny_dir, data, ref), check=True, capture_output=True)
-    env = dict(os.environ, SLIMTUNE_CRASH_AFTER_CHECKPOINT="3")
-    p = subprocess.run(cmd + run_args(tiny_dir, data, crashed, **{"train.save_every": 1}), env=env,
-                       capture_output=True)
+    (tmp_path / "killer.py").write_text(KILLER)
+    p = subprocess.run([sys.executable, str(tmp_path / "killer.py")] +
+                       run_args(tiny_dir, data, crashed, **{"train.save_every": 1}),
+                       env=dict(os.environ, KILL_AFTER="3"), capture_output=True)
     assert p.returncode == -9, p.stderr.decode()[-2000:]  # SIGKILL
     assert not (crashed / "adapter_model.safetensors").exists()
     assert (crashed / "checkpoints" / "latest").read_text().strip() == "step-000003"

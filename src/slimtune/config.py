@@ -23,16 +23,15 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("lora", "dora", "rslora", "qlora", "prompt_tuning", "prefix_tuning", "ia3", "full")
 TARGETS = ("attn", "attn_mlp", "all_linear")
 TRAIN_ON = ("assistant", "last", "all")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "schedulefree")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+"""Weight dtypes; models.DTYPES maps them to torch dtypes."""
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt")
-OBJECTIVE_NAMES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
 
 
 @dataclass
@@ -57,6 +56,7 @@ class DataCfg:
     val: str | None = None
     """Held-out file. When empty, `val_fraction` of train is split off (seeded)."""
     val_fraction: float = 0.1
+    """Share of data.train held out (seeded) when data.val is empty."""
     format: str = "auto"
     """auto, messages (ChatML), alpaca, dolly, sharegpt."""
     system_prompt: str | None = None
@@ -88,10 +88,13 @@ class DataCfg:
 @dataclass
 class MethodCfg:
     name: str = "lora"
-    """lora, dora, rslora, qlora, prompt_tuning, prefix_tuning, ia3, full."""
+    """lora, dora, rslora, qlora, prompt_tuning, prefix_tuning, ia3, full (the table in methods.py)."""
     r: int = 16
+    """LoRA rank."""
     alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / r (rslora: alpha / sqrt(r))."""
     dropout: float = 0.0
+    """Dropout on the LoRA input."""
     targets: str | list[str] = "attn"
     """attn, attn_mlp, all_linear, or a list of module names (e.g. [q_proj, v_proj])."""
     layers: str | list[int] | None = None
@@ -102,7 +105,8 @@ class MethodCfg:
     """prompt_tuning: initialise the soft prompt from this text (else random)."""
 
     def __post_init__(self):
-        _choice("method.name", self.name, METHODS)
+        from .methods import METHODS
+        _choice("method.name", self.name, tuple(METHODS))
         if isinstance(self.targets, str):
             if self.targets not in TARGETS:
                 raise ConfigError(f"method.targets={self.targets!r} is not valid; choose one of: "
@@ -114,20 +118,23 @@ class MethodCfg:
 @dataclass
 class LossCfg:
     objective: str = "sft"
-    """sft (with kl_lambda > 0: KL-anchored SFT), or a preference objective: dpo, ipo, orpo,
-    simpo (data: {prompt, chosen, rejected} rows) or kto ({prompt, completion, label} rows, or pairs)."""
+    """What training minimises (train/objectives.py): sft (with kl_lambda > 0: KL-anchored SFT), or
+    a preference objective: dpo, ipo, orpo, simpo ({prompt, chosen, rejected} rows) or kto
+    ({prompt, completion, label} rows, or pairs)."""
     kl_lambda: float = 0.0
     """Weight of KL to the base model; 0 is plain SFT."""
     kl_warmup_steps: int = 0
-    """lambda rises linearly from 0 to kl_lambda over these steps."""
+    """lambda rises linearly from 0 (the first step) to kl_lambda over these steps."""
     kl_temperature: float = 1.0
     """Softmax temperature tau for the KL term (scaled by tau^2)."""
     kl_direction: str = "forward"
     """forward KL(base||tuned), reverse KL(tuned||base), or jsd."""
     jsd_beta: float = 0.5
+    """jsd: the base's weight in the mixture m = beta p + (1 - beta) q."""
     kl_positions: str = "trained"
-    """trained (assistant tokens), all (every real token), last_n."""
+    """trained (assistant tokens), all (every real token), last_n (the last n of each example)."""
     kl_last_n: int = 64
+    """kl_positions=last_n: how many positions at the end of each example."""
     chunk_size: int = 1024
     """Tokens per chunk of the output projection: peak logits memory = chunk x vocab."""
     # --- preference objectives (train/preference.py, losses_pref.py)
@@ -151,7 +158,8 @@ class LossCfg:
     instead of a base forward per step (saves ~1/4 of a step's compute from the second epoch on)."""
 
     def __post_init__(self):
-        _choice("loss.objective", self.objective, OBJECTIVE_NAMES)
+        from .train.objectives import OBJECTIVES
+        _choice("loss.objective", self.objective, tuple(OBJECTIVES))
         if self.beta <= 0 or self.simpo_beta <= 0:
             raise ConfigError("loss.beta and loss.simpo_beta must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
@@ -169,13 +177,21 @@ class LossCfg:
 @dataclass
 class TrainCfg:
     output_dir: str = "runs/run"
+    """The run folder: adapter, logs, config, checkpoints."""
     seed: int = 0
+    """Seeds data order, the held-out split, initialisation and dropout."""
     lr: float = 2e-4
+    """Peak learning rate."""
     optimizer: str = "adamw"
+    """adamw, adafactor, lion, schedulefree."""
     weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (never on norms, biases or IA3 vectors)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam-style betas (lion uses them too)."""
     schedule: str = "cosine"
+    """cosine, linear, constant: the decay after warm-up (schedulefree keeps its own)."""
     warmup_steps: int = 0
+    """Linear warm-up: step 1 runs at lr / warmup_steps, step warmup_steps at lr."""
     warmup_ratio: float = 0.0
     """Used when warmup_steps is 0: a fraction of the total steps."""
     min_lr_ratio: float = 0.0
@@ -187,29 +203,38 @@ class TrainCfg:
     micro_batch_tokens: int | None = None
     """Run each batch in pieces of at most this many padded tokens (rows x longest row) and sum
     their gradients: the same update, activation memory bounded by this instead of the batch.
-    Empty: 1024 on CPU (as fast as whole batches there, and 2-3x less memory: BENCHMARKS.md),
-    no split on GPU. 0: never split."""
+    Empty: resolved when training starts (written so in the run's config.yaml): 1024 on CPU (as
+    fast as whole batches there, and 2-3x less memory: BENCHMARKS.md), 0 on GPU. 0: never split."""
     max_steps: int | None = None
     """Optimizer steps. Empty: `epochs` passes over the data."""
     epochs: float = 1.0
+    """Passes over the training data when max_steps is empty (fractions allowed)."""
     max_minutes: float | None = None
     """Wall-clock cap (setup included): training stops, evaluates once more and saves the adapter."""
     grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this. Empty: no clipping."""
     gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
     log_every: int = 1
+    """Write a log row every N steps."""
     save_every: int | None = None
     """Checkpoint every N steps (for resume). Empty: only the final adapter."""
     keep_checkpoints: int = 1
+    """How many checkpoints to keep (the newest)."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
     plateau_patience: int | None = None
     """Stop when the smoothed training loss has not improved by plateau_min_delta for N steps."""
     plateau_min_delta: float = 1e-3
+    """The smallest drop of the smoothed loss that counts as an improvement."""
     plateau_min_steps: int = 0
+    """Never stop on a plateau before this step."""
     plateau_smoothing: float = 0.9
+    """Exponential smoothing of the training loss for the plateau rule."""
     early_stop_patience: int | None = None
     """Stop after N evaluations without held-out loss improving."""
     progress: bool = True
+    """Print the live progress line."""
     num_threads: int | None = None
     """torch CPU threads. Empty: torch's default."""
 
@@ -231,11 +256,14 @@ class EvalCfg:
     max_examples: int | None = 64
     """Held-out examples used per evaluation."""
     batch_size: int = 8
+    """Examples per evaluation batch."""
     kl: bool = True
     """Report KL(base || tuned) on held-out and general prompts at each evaluation."""
     max_new_tokens: int = 128
+    """Longest generated answer in `slimtune eval`, compare and report."""
     banned_phrases: list[str] = field(default_factory=lambda: [
         "As an AI", "as an AI language model", "I cannot", "I'm sorry"])
+    """Phrases counted in generated answers (style metrics)."""
 
 
 @dataclass
@@ -246,6 +274,30 @@ class Config:
     loss: LossCfg = field(default_factory=LossCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def __post_init__(self):
+        """Checks across sections (each section checks itself)."""
+        from .methods import method_of
+        from .train.objectives import OBJECTIVES
+
+        method = method_of(self.method.name)
+        if self.data.packing and method.adds_positions:
+            raise ConfigError(f"data.packing does not work with {self.method.name} (it adds positions); "
+                              "set data.packing=false")
+        if self.data.packing and not OBJECTIVES[self.loss.objective].packable:
+            raise ConfigError(f"data.packing does not work with loss.objective={self.loss.objective}; "
+                              "set data.packing=false")
+
+    def resolved(self, device: str) -> Config:
+        """A copy with the defaults that depend on the device filled in (what config.yaml records)."""
+        import copy
+
+        cfg = copy.deepcopy(self)
+        if cfg.train.micro_batch_tokens is None:
+            # CPU: pieces of 1024 tokens are as fast per token as whole batches and hold 2-3x less;
+            # GPU: whole batches keep the device full.
+            cfg.train.micro_batch_tokens = 1024 if str(device).startswith("cpu") else 0
+        return cfg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,13 +312,11 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTIONS = typing.get_type_hints(Config)  # section name -> dataclass (annotations are strings)
 
 
 def _coerce(key: str, raw, typ):
     """Turn a YAML value or a `key=value` string into the field's type, or raise ConfigError."""
-    if isinstance(typ, str):
-        typ = eval(typ, vars(typing) | {"list": list})  # annotations are strings (future import)
     import types
     is_union = typing.get_origin(typ) in (typing.Union, types.UnionType)
     args = typing.get_args(typ) if is_union else ()
@@ -327,13 +377,12 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
         raw.setdefault(section, {})[name] = value
     sections = {}
     for section, cls in _SECTIONS.items():
-        cls = globals()[cls] if isinstance(cls, str) else cls
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        types_ = typing.get_type_hints(cls)  # field name -> resolved type
         values = {}
         for name, val in raw.get(section, {}).items():
-            if name not in fields:
-                raise ConfigError(f"unknown key '{section}.{name}'; valid keys: {', '.join(fields)}")
-            values[name] = _coerce(f"{section}.{name}", val, fields[name].type)
+            if name not in types_:
+                raise ConfigError(f"unknown key '{section}.{name}'; valid keys: {', '.join(types_)}")
+            values[name] = _coerce(f"{section}.{name}", val, types_[name])
         sections[section] = cls(**values)
     return Config(**sections)
 

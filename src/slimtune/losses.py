@@ -61,7 +61,7 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
                  ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                  kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
                  direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
-                 logit_softcap: float | None = None) -> LossOut:
+                 logit_softcap: float | None = None, logit_scale: float | None = None) -> LossOut:
     """CE (+ KL to the base) over N rows without building (N, V) logits.
 
     hidden: (N, H) tuned final hidden states (fp32 or bf16); weight: (V, H), bias: (V,) or None.
@@ -72,6 +72,9 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
     Softmax math is fp32 in chunks of `chunk_size` rows; grads come back in the input dtypes.
     `weight`/`bias` grads are computed only when they require grad (frozen in LoRA: skipped).
     With kl_lambda == 0 the KL is still reported (kl_sum) but adds nothing to loss or grads.
+    The head's output transforms, in the order models apply them: logits = (hidden @ weight.T + bias)
+    * logit_scale (Cohere's logit_scale, Granite's 1 / logits_scaling), then logit_softcap * tanh(z /
+    logit_softcap) (Gemma 2); both apply to the base's logits too.
     Peak extra memory: a few (chunk_size, V) fp32 buffers (+ a (V, H) fp32 grad if weight trains).
     """
     _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
@@ -90,7 +93,7 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
     track = torch.is_grad_enabled()  # ctx.needs_input_grad ignores no_grad, so decide here
     needs = tuple(track and t is not None and t.requires_grad for t in (hidden, weight, bias))
     opts = (float(kl_lambda), float(temperature), direction, float(jsd_beta), int(chunk_size),
-            logit_softcap, norm, needs)
+            (logit_scale, logit_softcap), norm, needs)
     loss, ce_sum, kl_sum = _ChunkedLoss.apply(hidden, weight, bias, targets, ref_hidden, ref_weight,
                                               ref_bias, kl_mask, opts)
     return LossOut(loss, ce_sum, kl_sum, n_ce, n_kl)
@@ -101,14 +104,14 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
                    ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                    kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
                    direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
-                   logit_softcap: float | None = None) -> LossOut:
+                   logit_softcap: float | None = None, logit_scale: float | None = None) -> LossOut:
     """The naive path: full (N, V) logits and plain autograd. Same arguments and result as
     `chunked_loss` (chunk_size is ignored); used by tests and benchmarks."""
     _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
     targets = targets.to(hidden.device)
     n_ce = int((targets != IGNORE).sum())
     norm = float(normaliser) if normaliser is not None else float(max(n_ce, 1))
-    logits = _project(hidden, weight, bias, logit_softcap)  # (N, V) fp32
+    logits = _project(hidden, weight, bias, (logit_scale, logit_softcap))  # (N, V) fp32
     ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     kl_sum, n_kl = logits.new_zeros(()), 0
     if ref_hidden is not None:
@@ -117,7 +120,7 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
         if kl_mask is None:
             kl_mask = targets != IGNORE
         with torch.no_grad():
-            ref_logits = _project(ref_hidden, ref_weight, ref_bias, logit_softcap)
+            ref_logits = _project(ref_hidden, ref_weight, ref_bias, (logit_scale, logit_softcap))
         kl_sum = token_kl(ref_logits[kl_mask], logits[kl_mask], direction, temperature, jsd_beta).sum()
         n_kl = int(kl_mask.sum())
     elif kl_lambda:
@@ -131,7 +134,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, kl_mask, opts):
-        lam, tau, direction, beta, chunk, cap, norm, (need_h, need_w, need_b) = opts
+        lam, tau, direction, beta, chunk, transform, norm, (need_h, need_w, need_b) = opts
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.detach().to(hidden.dtype)  # a no-op unless dtypes differ
         b = None if bias is None else bias.detach().to(hidden.dtype)
@@ -152,7 +155,7 @@ class _ChunkedLoss(torch.autograd.Function):
             rh = None if ref_hidden is None else ref_hidden[s:s + chunk]
             m = None if kl_mask is None else kl_mask[s:s + chunk]
             ce, kl, g = _chunk(h, w, b, targets[s:s + chunk], rh, rw, rb, m, lam, tau, direction,
-                               beta, cap, norm, any_grad, kl_grad)
+                               beta, transform, norm, any_grad, kl_grad)
             ce_sum += ce
             kl_sum += kl
             if need_h:
@@ -179,19 +182,19 @@ class _ChunkedLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, cap, norm, want_grad, kl_grad):
+def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm, want_grad, kl_grad):
     """One chunk of c rows: (ce sum, tau^2 * kl sum, d loss / d logits (c, V) fp32 or None).
 
     A function of its own so its (c, V) buffers are freed before the next chunk allocates.
     """
     valid = t != IGNORE                                               # (c,)
-    z, tanh_z = _project(h, w, b, cap, keep_tanh=True)                # (c, V) fp32
+    z, tanh_z = _project(h, w, b, transform, keep_tanh=True)                # (c, V) fp32
     logq1 = z.log_softmax(-1)                                         # CE uses tau = 1
     tgt = t.clamp_min(0)[:, None]                                     # (c, 1)
     ce = -(logq1.gather(1, tgt).squeeze(1) * valid).sum()
     kl, g_kl = torch.zeros((), device=h.device), None
     if rh is not None:
-        logp = _log_softmax(_project(rh, rw, rb, cap), tau)            # base, (c, V)
+        logp = _log_softmax(_project(rh, rw, rb, transform), tau)            # base, (c, V)
         logq = logq1 if tau == 1.0 else _log_softmax(z, tau)
         del z
         kl_rows, g_kl = _kl_terms(logp, logq, direction, beta, want_grad=kl_grad)
@@ -209,14 +212,21 @@ def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, cap, norm, want
         g.add_(g_kl.mul_((m * (lam * tau))[:, None]))
         del g_kl
     g.div_(norm)
-    if cap is not None:  # z = cap * tanh(raw / cap): d z / d raw = 1 - tanh^2
+    scale, softcap = transform
+    if softcap is not None:  # z = cap * tanh(s / cap): d z / d s = 1 - tanh^2
         g.mul_(1.0 - tanh_z.square_())
+    if scale is not None:  # s = scale * raw
+        g.mul_(scale)
     return ce, kl, g
 
 
-def _project(h: Tensor, w: Tensor, b: Tensor | None, cap: float | None, keep_tanh: bool = False):
-    """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), soft-capped if `cap`."""
+def _project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):
+    """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), times `scale`, soft-capped by `cap`
+    (transform = (scale or None, cap or None))."""
+    scale, cap = transform
     z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
+    if scale is not None:
+        z = z * scale
     tanh_z = None
     if cap is not None:
         if keep_tanh:

@@ -40,7 +40,7 @@ class TokenLogps:
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                 ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
                 ref_bias: Tensor | None = None, chunk_size: int = 1024,
-                logit_softcap: float | None = None) -> TokenLogps:
+                logit_softcap: float | None = None, logit_scale: float | None = None) -> TokenLogps:
     """Log-probs of `targets` (N,) under `hidden` (N, H) @ `weight` (V, H).T (+ bias), in chunks.
 
     With `ref_hidden` (N, H) (the base's hidden states at the same positions; `ref_weight`
@@ -48,6 +48,7 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor
     per-token KL(ref || pi), for free next to the logits it already builds.
     Forward stores d log pi_t / d hidden_t (N, H) when hidden needs a grad, so backward is a
     scale; a trainable weight/bias (full fine-tuning) recomputes each chunk's logits in backward.
+    Logits are transformed as the model does: z = cap * tanh(raw * logit_scale / cap).
     Peak extra memory: a few (chunk_size, V) fp32 buffers.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -60,34 +61,41 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor
         ref_weight, ref_bias = weight, bias
     track = torch.is_grad_enabled()
     needs = tuple(track and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = (int(chunk_size), logit_softcap, needs)
+    opts = (int(chunk_size), (logit_scale, logit_softcap), needs)
     logps, ref_logps, kl = _TokenLogps.apply(hidden, weight, bias, targets.to(hidden.device),
                                              ref_hidden, ref_weight, ref_bias, opts)
     return TokenLogps(logps, ref_logps if ref_hidden is not None else None, kl if ref_hidden is not None else None)
 
 
-def _project(h: Tensor, w: Tensor, b: Tensor | None, cap: float | None):
-    """(c, H) -> fp32 logits (c, V), soft-capped if `cap`; also tanh(raw / cap) for the chain rule."""
+def _project(h: Tensor, w: Tensor, b: Tensor | None, transform):
+    """(c, H) -> fp32 logits (c, V), times `scale`, soft-capped by `cap` (transform = (scale, cap));
+    also tanh(z / cap) for the chain rule (None without a cap)."""
+    scale, cap = transform
     z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
+    if scale is not None:
+        z = z * scale
     if cap is None:
         return z, None
     t = (z / cap).tanh_()
     return t * cap, t
 
 
-def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None) -> Tensor:
-    """d log softmax(z)[t] / d raw logits, (c, V): onehot(t) - softmax(z) (x (1 - tanh^2) if capped)."""
+def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None, scale: float | None) -> Tensor:
+    """d log softmax(z)[t] / d raw logits, (c, V): onehot(t) - softmax(z), x (1 - tanh^2) if
+    capped, x scale if scaled."""
     g = z.sub_(lse[:, None]).exp_().neg_()                         # reuses z's buffer
     g.scatter_add_(1, t[:, None], torch.ones_like(t[:, None], dtype=g.dtype))
     if tanh is not None:
         g.mul_(1.0 - tanh.square_())
+    if scale is not None:
+        g.mul_(scale)
     return g
 
 
 class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, opts):
-        chunk, cap, (need_h, need_w, need_b) = opts
+        chunk, tf, (need_h, need_w, need_b) = opts
         n = hidden.shape[0]
         w = weight.detach()
         b = None if bias is None else bias.detach()
@@ -98,19 +106,19 @@ class _TokenLogps(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             t = targets[s:e]
-            z, tanh = _project(hidden[s:e].detach(), w, b, cap)     # (c, V)
+            z, tanh = _project(hidden[s:e].detach(), w, b, tf)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
             if ref_hidden is not None:
                 rz, _ = _project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
-                                 else ref_bias.detach(), cap)
+                                 else ref_bias.detach(), tf)
                 rlog = rz.log_softmax(-1)
                 ref_logps[s:e] = rlog.gather(1, t[:, None]).squeeze(1)
                 # KL(ref || pi) = sum_v p_ref (log p_ref - log pi)
                 kl[s:e] = (rlog.exp() * (rlog - z + lse[:, None])).sum(-1)
                 del rz, rlog
             if need_h:
-                g = _dlogp_dz(z, lse, t, tanh)
+                g = _dlogp_dz(z, lse, t, tanh, tf[0])
                 jac[s:e] = (g.to(w.dtype) @ w).to(hidden.dtype)
                 del g
             del z, tanh
@@ -122,7 +130,7 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logps, _g_ref, _g_kl):
         jac, hidden, weight, bias, targets = ctx.saved_tensors
-        chunk, cap, (need_h, need_w, need_b) = ctx.opts
+        chunk, tf, (need_h, need_w, need_b) = ctx.opts
         grad_h = grad_w = grad_b = None
         if need_h:
             grad_h = jac * g_logps[:, None].to(jac.dtype)
@@ -133,8 +141,8 @@ class _TokenLogps(torch.autograd.Function):
             b = None if bias is None else bias.detach()
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].detach()
-                z, tanh = _project(h, w, b, cap)
-                g = _dlogp_dz(z, z.logsumexp(-1), targets[s:s + chunk], tanh).mul_(g_logps[s:s + chunk, None])
+                z, tanh = _project(h, w, b, tf)
+                g = _dlogp_dz(z, z.logsumexp(-1), targets[s:s + chunk], tanh, tf[0]).mul_(g_logps[s:s + chunk, None])
                 if need_w:
                     gw.addmm_(g.t(), h.float())                      # (V, H) += (V, c) @ (c, H)
                 if need_b:

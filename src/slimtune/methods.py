@@ -1,26 +1,32 @@
 """Our method config -> a PEFT model (or a fully trainable one); targets; trainable-parameter report.
 
-PEFT does the methods; this module only chooses modules and settings:
-- lora / rslora / dora / qlora -> LoraConfig (use_rslora: alpha / sqrt(r) scaling; use_dora:
-  magnitude-direction split, DoRA section 4.3; qlora: the same on a 4-bit base)
-- ia3 -> IA3Config (keys, values and the MLP down projection as feed-forward)
-- prompt_tuning -> PromptTuningConfig (soft prompt, optionally initialised from a text)
-- prefix_tuning -> PrefixTuningConfig
-- full -> every parameter trained, no PEFT
+PEFT does the methods; this module only chooses modules and settings. `METHODS` is the one table
+of methods: each row says how to build its PEFT config and what the rest of slimtune must know
+about it (config validation, the loop, loading a run and merging read these flags, never names):
+
+    name           PEFT config                           merges  adds positions  4-bit base  base = frozen copy
+    lora           LoraConfig                             yes
+    rslora         LoraConfig(use_rslora): alpha/sqrt(r)  yes
+    dora           LoraConfig(use_dora): DoRA 4.3         yes
+    qlora          LoraConfig on an NF4 base              yes                    yes
+    ia3            IA3Config (k, v, down_proj input)      yes
+    prompt_tuning  PromptTuningConfig                            yes
+    prefix_tuning  PrefixTuningConfig                            yes
+    full           none: every parameter trains           (is the model)                     yes
+
+Adding a PEFT method = one `Method` row (+ its builder) + a config example + a test row.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
-from torch import nn
-
-from .config import MethodCfg
 from .errors import ConfigError
 
 ATTN_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "feed_forward", "ffn")
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 FF_NAMES = {"down_proj", "fc2", "w2"}  # feed-forward output layers (IA3 scales their input)
 
 
@@ -41,8 +47,10 @@ def parse_layers(spec) -> list[int] | None:
     return sorted(out)
 
 
-def linear_names(model: nn.Module) -> dict[str, set[str]]:
+def linear_names(model) -> dict[str, set[str]]:
     """Leaf names of the Linear layers inside the decoder blocks, grouped as attn / mlp / other."""
+    from torch import nn
+
     groups = {"attn": set(), "mlp": set(), "other": set()}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or ".layers." not in f".{name}" and ".h." not in f".{name}":
@@ -53,7 +61,7 @@ def linear_names(model: nn.Module) -> dict[str, set[str]]:
     return groups
 
 
-def target_modules(model: nn.Module, targets) -> list[str]:
+def target_modules(model, targets) -> list[str]:
     """Module names for PEFT from attn / attn_mlp / all_linear / an explicit list."""
     groups = linear_names(model)
     if isinstance(targets, list):
@@ -72,67 +80,121 @@ def target_modules(model: nn.Module, targets) -> list[str]:
     return sorted(names)
 
 
-def peft_config(model: nn.Module, cfg: MethodCfg, tokenizer_path: str | None = None):
-    import peft
-
+def _layers(model, cfg) -> list[int] | None:
     layers = parse_layers(cfg.layers)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if layers and n_layers is not None and layers[-1] >= n_layers:
         raise ConfigError(f"method.layers={cfg.layers!r}: this model has layers 0-{n_layers - 1}")
-    if cfg.name in ("lora", "dora", "rslora", "qlora"):
-        return peft.LoraConfig(
-            task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-            target_modules=target_modules(model, cfg.targets), layers_to_transform=layers,
-            use_dora=cfg.name == "dora", use_rslora=cfg.name == "rslora", bias="none")
-    if cfg.name == "ia3":
-        groups = linear_names(model)
-        if cfg.targets in ("attn", "attn_mlp"):
-            # IA3 rescales keys, values and the input of the MLP's down projection (paper section 3).
-            mods = sorted(groups["attn"] & {"k_proj", "v_proj"}) + sorted(groups["mlp"] & FF_NAMES)
-        else:
-            mods = target_modules(model, cfg.targets)
-        ff = [m for m in mods if m in FF_NAMES]
-        if layers:  # IA3Config has no layers_to_transform: select layers with a regex instead
-            where = rf".*\.layers\.({'|'.join(map(str, layers))})\.(.*\.)?"
-            mods, ff = rf"{where}({'|'.join(mods)})$", rf"{where}({'|'.join(ff) or '$^'})$"
-        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=mods, feedforward_modules=ff)
-    if cfg.name == "prompt_tuning":
-        kw = {}
-        if cfg.prompt_init_text:
-            kw = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
-                      tokenizer_name_or_path=tokenizer_path)
-        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, **kw)
-    if cfg.name == "prefix_tuning":
-        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
-    raise ConfigError(f"method {cfg.name} has no PEFT config")
+    return layers
 
 
-def apply_method(model: nn.Module, cfg: MethodCfg, tokenizer_path: str | None = None,
-                 gradient_checkpointing: bool = False) -> nn.Module:
-    """Wrap `model` for training with the configured method; frozen parts stay frozen."""
+def _lora(model, cfg, _tok=None, **flags):
+    import peft
+
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=target_modules(model, cfg.targets), layers_to_transform=_layers(model, cfg),
+                           bias="none", **flags)
+
+
+def _ia3(model, cfg, _tok=None):
+    import peft
+
+    groups, layers = linear_names(model), _layers(model, cfg)
+    if cfg.targets in ("attn", "attn_mlp"):
+        # IA3 rescales keys, values and the input of the MLP's down projection (paper section 3).
+        mods = sorted(groups["attn"] & {"k_proj", "v_proj"}) + sorted(groups["mlp"] & FF_NAMES)
+    else:
+        mods = target_modules(model, cfg.targets)
+    ff = [m for m in mods if m in FF_NAMES]
+    if layers:  # IA3Config has no layers_to_transform: select layers with a regex instead
+        where = rf".*\.layers\.({'|'.join(map(str, layers))})\.(.*\.)?"
+        mods, ff = rf"{where}({'|'.join(mods)})$", rf"{where}({'|'.join(ff) or '$^'})$"
+    return peft.IA3Config(task_type="CAUSAL_LM", target_modules=mods, feedforward_modules=ff)
+
+
+def _prompt(model, cfg, tokenizer_path=None):
+    import peft
+
+    kw = {}
+    if cfg.prompt_init_text:
+        kw = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
+                  tokenizer_name_or_path=tokenizer_path)
+    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, **kw)
+
+
+def _prefix(model, cfg, _tok=None):
+    import peft
+
+    return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table."""
+
+    name: str
+    build: Callable | None
+    """(model, MethodCfg, tokenizer path) -> a PEFT config; None: no PEFT (every parameter trains)."""
+    can_merge: bool = True
+    """Folds into the base weights (`slimtune merge`, GGUF export)."""
+    adds_positions: bool = False
+    """Prepends virtual tokens (prompt / prefix tuning): no packing, no merge."""
+    four_bit: bool = False
+    """Trains on a 4-bit (NF4) base."""
+    reference_copy: bool = False
+    """The base cannot be had by switching adapters off: a frozen copy is the reference (KL, DPO)."""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lora", _lora),
+    Method("rslora", lambda m, c, t=None: _lora(m, c, t, use_rslora=True)),
+    Method("dora", lambda m, c, t=None: _lora(m, c, t, use_dora=True)),
+    Method("qlora", _lora, four_bit=True),
+    Method("ia3", _ia3),
+    Method("prompt_tuning", _prompt, can_merge=False, adds_positions=True),
+    Method("prefix_tuning", _prefix, can_merge=False, adds_positions=True),
+    Method("full", None, reference_copy=True),
+)}
+
+
+def method_of(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not valid; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def peft_config(model, cfg, tokenizer_path: str | None = None):
+    """The PEFT config for `cfg` on `model` (None for full fine-tuning)."""
+    build = method_of(cfg.name).build
+    return build(model, cfg, tokenizer_path) if build else None
+
+
+def apply_method(model, cfg, tokenizer_path: str | None = None, gradient_checkpointing: bool = False):
+    """Wrap `model` for training with the configured method (a MethodCfg); frozen parts stay frozen."""
+    method = method_of(cfg.name)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.name == "full":
+    if method.build is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     import peft
 
-    if cfg.name == "qlora":
+    if method.four_bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if gradient_checkpointing and cfg.name not in PROMPT_METHODS:
+    if gradient_checkpointing and not method.adds_positions:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return peft.get_peft_model(model, peft_config(model, cfg, tokenizer_path))
 
 
-def base_of(model: nn.Module) -> nn.Module:
+def base_of(model):
     """The transformers model under any PEFT/DDP wrapping."""
     model = getattr(model, "module", model)  # DDP
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module):
+def adapters_disabled(model):
     """The base model: PEFT adapters switched off (no second copy in memory)."""
     model = getattr(model, "module", model)
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
@@ -140,7 +202,7 @@ def adapters_disabled(model: nn.Module):
         yield model
 
 
-def trainable_report(model: nn.Module) -> dict:
+def trainable_report(model) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(1, total), 4)}

@@ -47,7 +47,9 @@ def load_base(cfg: Config, dtype: str = "float32", device: str | None = None):
     """The run's base model (the reference for base metrics and samples), in eval mode."""
     from .models import load_model
 
-    four_bit = cfg.method.name == "qlora" and torch.cuda.is_available()
+    from .methods import method_of
+
+    four_bit = method_of(cfg.method.name).four_bit and torch.cuda.is_available()
     return load_model(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                       attn_implementation=cfg.model.attn_implementation, quantize_4bit=four_bit,
                       device=device)

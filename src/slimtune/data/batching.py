@@ -39,20 +39,24 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
-def split_by_tokens(rows: list[dict], max_tokens: int) -> list[list[dict]]:
+def row_length(row: dict) -> int:
+    return len(row["input_ids"])
+
+
+def split_by_tokens(rows: list[dict], max_tokens: int, length=row_length) -> list[list[dict]]:
     """Split one batch into pieces whose padded size (rows x longest row) is at most `max_tokens`
     (a piece always takes at least one row; 0: never split). Rows are sorted longest first, so
     the pieces pad little. The pieces' gradients sum to the whole batch's (the loss is normalised by
     the trained tokens of the whole step), so this bounds activation memory without changing the
     update.
     """
-    if not max_tokens or len(rows) * max(len(r["input_ids"]) for r in rows) <= max_tokens:
+    if not max_tokens or len(rows) * max(length(r) for r in rows) <= max_tokens:
         return [rows]  # no budget, or it fits: the batch as it is
-    rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
+    rows = sorted(rows, key=lambda r: -length(r))
     out: list[list[dict]] = []
     for r in rows:
         # rows are longest first, so a piece's padded size is its first row's length x its rows
-        if out and len(out[-1][0]["input_ids"]) * (len(out[-1]) + 1) <= max_tokens:
+        if out and length(out[-1][0]) * (len(out[-1]) + 1) <= max_tokens:
             out[-1].append(r)
         else:
             out.append([r])
@@ -93,13 +97,15 @@ def pack(examples: list[dict], max_length: int, seed: int = 0) -> list[dict]:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest. Packed rows get position_ids and no attention mask."""
+    """Right-pad rows to the longest. Packed rows get position_ids and no attention mask, plus
+    example_ids (B, T): 1, 2, ... for the examples of a row, 0 for padding (per-example KL positions)."""
     T = max(len(r["input_ids"]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     packed = "position_ids" in rows[0]
     extra = torch.zeros((B, T), dtype=torch.long)  # attention mask, or position ids when packed
+    examples = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
         input_ids[b, :n] = torch.tensor(r["input_ids"])
@@ -107,12 +113,14 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if packed:
             extra[b, :n] = torch.tensor(r["position_ids"])
             extra[b, n:] = torch.arange(T - n)  # padding is its own 'example', never trained
+            examples[b, :n] = (extra[b, :n] == 0).long().cumsum(0)
         else:
             extra[b, :n] = 1
-    key = "position_ids" if packed else "attention_mask"
-    if not packed and bool(extra.all()):
+    if packed:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": extra, "example_ids": examples}
+    if bool(extra.all()):
         return {"input_ids": input_ids, "labels": labels}  # no padding: no mask needed
-    return {"input_ids": input_ids, "labels": labels, key: extra}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": extra}
 
 
 def count_trained(rows: list[dict]) -> int:

@@ -214,3 +214,34 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int = 0) -> tuple[li
         n_val = max(1, n_val)
     val_keys = set(keys[:n_val])
     return [r for r in rows if r["where"] not in val_keys], [r for r in rows if r["where"] in val_keys]
+
+
+def prepare_preferences(cfg, tokenizer, kind: str = "paired", seed: int = 0):
+    """DataCfg -> Prepared(train, val, general, stats) of preference rows; general prompts stay
+    SFT examples (KL to base on unrelated chats)."""
+    from .formats import load_chats
+    from .prepare import Prepared
+    from .tools import render_all
+
+    if not cfg.train:
+        raise DataError("no training data: set data.train (a preference JSONL file, or builtin:preferences)")
+    kw = dict(kind=kind, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    rows, st = load_preferences(cfg.train, tokenizer, drop_untrained=cfg.drop_untrained, **kw)
+    if cfg.val:
+        train, (val, vst) = rows, load_preferences(cfg.val, tokenizer, **kw)
+    else:
+        train, val = split_rows(rows, cfg.val_fraction, seed)
+        vst = None
+    if cfg.max_examples:
+        train = train[: cfg.max_examples]
+    general: list[dict] = []
+    if cfg.general_prompts:
+        general, _ = render_all(load_chats(cfg.general_prompts), tokenizer, source=cfg.general_prompts,
+                                train_on=cfg.train_on, max_length=cfg.max_length)
+
+    def summary(rs, s):
+        comp = [len(r.get("completion_ids") or r["chosen_ids"]) + len(r.get("rejected_ids", [])) for r in rs]
+        return {**(s.summary() if s else {}), "rows": len(rs), "trained_tokens": sum(comp),
+                "prompt_tokens": sum(len(r["prompt_ids"]) for r in rs)}
+
+    return Prepared(train, val, general, {"train": summary(train, st), "val": summary(val, vst)})

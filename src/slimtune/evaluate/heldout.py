@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from ..config import LossCfg
 from ..data.batching import collate, length_grouped_batches
-from ..train.forward import batch_loss
+from ..train.forward import KLTerm, batch_loss
 
 
 @torch.inference_mode()
@@ -25,8 +24,8 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     if not examples:
         return {}
     examples = examples[:max_examples] if max_examples else examples
-    cfg = dataclasses.replace(loss_cfg or LossCfg(), kl_direction="forward", kl_temperature=1.0,
-                              kl_positions="trained")
+    term = KLTerm.metric() if kl else None
+    chunk = (loss_cfg or LossCfg()).chunk_size
     was_training = model.training
     model.eval()
     ce = kl_sum = 0.0
@@ -34,8 +33,8 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     try:
         batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
         for b, idx in enumerate(batches):
-            out = batch_loss(model, collate([examples[i] for i in idx], pad_id), cfg, want_kl=kl,
-                             ref_model=ref_model, normaliser=1.0, ref_cache=ref_cache, key=b)
+            out = batch_loss(model, collate([examples[i] for i in idx], pad_id), term, normaliser=1.0,
+                             ref_model=ref_model, ref_cache=ref_cache, key=b, chunk_size=chunk)
             ce += float(out.ce_sum)
             kl_sum += float(out.kl_sum)
             n += out.n_tokens

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SlimtuneError
-from ..methods import PROMPT_METHODS
+from ..methods import method_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,7 +59,7 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     if kind is None:
         raise SlimtuneError(f"{run} is not a run folder (config.yaml + adapter): nothing to merge")
     cfg = read_config(Path(run) / "config.yaml")
-    if cfg.method.name in PROMPT_METHODS:
+    if not method_of(cfg.method.name).can_merge:
         raise SlimtuneError(
             f"a {cfg.method.name} run cannot be merged: its learned virtual tokens are extra input "
             "positions, not a change to the weights, so no standalone model can hold them. "
@@ -73,7 +73,7 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     if out_p.is_dir() and any(out_p.iterdir()) and not (out_p / "slimtune_merge.json").exists():
         raise SlimtuneError(f"{out} exists and is not an earlier merge: choose a new --out folder")
 
-    if cfg.method.name == "qlora":
+    if method_of(cfg.method.name).four_bit:
         merged, tokenizer, reference, inputs = _merge_4bit(run, cfg, log)
     else:
         model, tokenizer, _ = load_run(run, "float32")

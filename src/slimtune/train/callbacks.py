@@ -1,4 +1,10 @@
-"""What happens around each step: the progress line, CSV/JSONL logs, and the stop rules."""
+"""What happens around each step: the progress line, CSV/JSONL logs, and the stop rules.
+
+The loop talks to loggers through one small interface (mlx-lm's tuner callbacks are the model):
+`on_log(row)` for every logged step row ("loss" in it) and evaluation row ("eval_loss"),
+`on_checkpoint(step, path)` after a checkpoint is complete, `on_end(summary)` once. Trackers and
+tests hook in the same way (`train(cfg, callbacks=[...])`); they run on the main process only.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,24 @@ from pathlib import Path
 
 from ..config import TrainCfg
 
+class Callback:
+    """Hooks the loop calls on the main process; override what you need."""
+
+    def on_log(self, row: dict) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_end(self, summary: dict) -> None:
+        pass
+
+
 LOG_FIELDS = ["step", "epoch", "loss", "ce", "kl", "kl_lambda", "lr", "grad_norm", "tokens", "tokens_per_s",
               "elapsed_s", "eval_loss", "eval_ppl", "eval_kl", "general_kl"]
 
 
-class RunLog:
+class RunLog(Callback):
     """Appends rows to train_log.csv and train_log.jsonl (one per logged step or evaluation)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
@@ -36,7 +55,7 @@ class RunLog:
             w.writeheader()
             w.writerows(rows)
 
-    def write(self, row: dict) -> None:
+    def on_log(self, row: dict) -> None:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -47,19 +66,28 @@ class RunLog:
         return [json.loads(x) for x in self.jsonl_path.read_text().splitlines() if x.strip()]
 
 
-class Progress:
-    """One live line on stderr: step, loss, lr, tokens/s, ETA."""
+class Progress(Callback):
+    """One live line on stderr: step, loss, lr, tokens/s, ETA; evaluation results on their own line."""
 
     def __init__(self, total_steps: int, enabled: bool = True):
         self.total, self.enabled = total_steps, enabled
         self.tty = sys.stderr.isatty()
 
-    def update(self, step: int, loss: float, lr: float, tok_s: float, elapsed: float, extra: str = "") -> None:
+    def on_log(self, row: dict) -> None:
+        if "loss" in row:
+            self.update(row["step"], row["loss"], row["lr"], row["tokens_per_s"], row["elapsed_s"])
+        elif row.get("eval_loss") is not None:
+            extra = "".join(f"  {k.replace('_', ' ')} {row[k]:.4f}" for k in ("eval_kl", "general_kl")
+                            if row.get(k) is not None)
+            self.message(f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}  "
+                         f"ppl {row.get('eval_ppl') or float('nan'):.2f}{extra}")
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float, elapsed: float) -> None:
         if not self.enabled:
             return
         eta = elapsed / max(1, step) * (self.total - step)
         line = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
-                f"elapsed {_hms(elapsed)}  eta {_hms(eta)}{extra}")
+                f"elapsed {_hms(elapsed)}  eta {_hms(eta)}")
         if self.tty:
             sys.stderr.write("\r\033[K" + line)
         else:

@@ -3,9 +3,10 @@
     RUN/checkpoints/step-000040/
         trainable.safetensors   trained parameters by name
         optimizer.safetensors   optimizer state tensors ("<param index>.<key>")
-        rng.safetensors         torch RNG state
+        rng.safetensors         every process's torch CPU and CUDA RNG states ("torch.<rank>",
+                                "cuda.<rank>.<device>"), so dropout continues exactly on resume
         state.json              optimizer non-tensor state and groups, scheduler, loop position,
-                                early-stop counters, python RNG
+                                early-stop counters, every process's python RNG
     RUN/checkpoints/latest      name of the newest complete checkpoint
 
 A checkpoint folder is renamed into place only when complete, and `latest` is replaced
@@ -45,8 +46,28 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_state() -> dict:
+    """This process's random states: torch CPU, every CUDA device, python."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+def _set_rng(tensors: dict, pythons: list, rank: int) -> None:
+    if f"torch.{rank}" not in tensors:  # saved by fewer processes than now run: share rank 0's
+        rank = 0
+    torch.set_rng_state(tensors[f"torch.{rank}"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"cuda.{rank}."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    v, internal, gauss = pythons[min(rank, len(pythons) - 1)]
+    random.setstate((v, tuple(internal), gauss))
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, loop_state: dict,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, rng_states: list[dict] | None = None) -> Path:
+    """Write RUN/checkpoints/step-N atomically. rng_states: every process's `rng_state()`, by rank
+    (default: this process's alone)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     trainable = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -54,9 +75,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     with atomic_dir(final) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        states = rng_states or [rng_state()]
+        rng = {f"torch.{r}": st["torch"] for r, st in enumerate(states)}
+        rng.update({f"cuda.{r}.{d}": t for r, st in enumerate(states) for d, t in enumerate(st["cuda"])})
+        save_file(rng, str(tmp / "rng.safetensors"))
         meta = {"step": step, "loop": loop_state, "optimizer": opt_meta,
-                "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+                "scheduler": scheduler.state_dict(), "python_rng": [st["python"] for st in states]}
         (tmp / "state.json").write_text(json.dumps(meta, default=_jsonable))
     atomic_write_text(root / "latest", final.name)
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
@@ -85,8 +109,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore trained parameters, optimizer, scheduler and RNG; returns the loop state."""
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore trained parameters, optimizer, scheduler and this process's (`rank`) RNG states;
+    returns the loop state."""
     path = Path(path)
     trained = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -100,7 +125,5 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     meta = json.loads((path / "state.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-    v, internal, gauss = meta["python_rng"]
-    random.setstate((v, tuple(internal), gauss))
+    _set_rng(load_file(str(path / "rng.safetensors")), meta["python_rng"], rank)
     return meta["loop"]

@@ -2,15 +2,21 @@
 
 The model is run for its final hidden states (a hook on the decoder; the LM head is asked for
 one position only), the positions that are trained are picked, and `losses.chunked_loss`
-applies the output projection chunk by chunk. Train and eval share this path.
+applies the output layer chunk by chunk, with every transform the model's head applies after it
+(`Head`). `check_head` compares that path with the model's own logits once at start-up, so a head
+we do not know is refused instead of trained wrongly. Train and eval share this path.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from ..config import LossCfg
 from ..data.render import IGNORE
+from ..errors import ConfigError
 from ..losses import LossOut, chunked_loss
 from ..methods import adapters_disabled, base_of
 
@@ -43,47 +49,104 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return h[:, extra:] if extra else h
 
 
-def output_layer(model):
-    """(weight (V, H), bias (V,) or None, final logit softcap or None) of the LM head."""
+@dataclass
+class Head:
+    """The output layer and what the model does to its logits afterwards:
+    logits = softcap * tanh((hidden @ weight.T + bias) * scale / softcap)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float | None = None
+    softcap: float | None = None
+
+    def kwargs(self) -> dict:
+        return dict(bias=self.bias, logit_scale=self.scale, logit_softcap=self.softcap)
+
+
+def output_layer(model) -> Head:
+    """The LM head with the logit transforms known from the model's config: Gemma 2's
+    `final_logit_softcapping`, Cohere's `logit_scale` (multiplies), Granite's `logits_scaling`
+    (divides). Anything else a model does is caught by `check_head`."""
     base = base_of(model)
     head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return head.weight, head.bias, softcap
+    cfg = base.config
+    scale = getattr(cfg, "logit_scale", None)
+    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
+        scale = (scale or 1.0) / cfg.logits_scaling
+    return Head(head.weight, head.bias, None if scale in (None, 1, 1.0) else float(scale),
+                getattr(cfg, "final_logit_softcapping", None))
 
 
-def kl_positions(batch: dict, targets: torch.Tensor, cfg: LossCfg) -> torch.Tensor:
-    """(B, T-1) bool: which shifted positions carry the KL term."""
-    trained = targets != IGNORE
-    if cfg.kl_positions == "trained":
-        return trained
+@dataclass(frozen=True)
+class KLTerm:
+    """The KL-to-base part of a loss: weight (lambda now; 0 = measured, not trained) and how."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+    direction: str = "forward"
+    jsd_beta: float = 0.5
+    positions: str = "trained"
+    last_n: int = 64
+
+    @classmethod
+    def from_cfg(cls, cfg: LossCfg, weight: float) -> KLTerm:
+        return cls(weight, cfg.kl_temperature, cfg.kl_direction, cfg.jsd_beta, cfg.kl_positions, cfg.kl_last_n)
+
+    @classmethod
+    def metric(cls) -> KLTerm:
+        """What evaluation reports whatever the training objective: forward KL, tau 1, trained tokens."""
+        return cls()
+
+
+def example_ids(batch: dict) -> torch.Tensor:
+    """(B, T) long: which example each token belongs to (1, 2, ... within a row), 0 for padding.
+
+    Packed rows carry `example_ids` from collate; padded rows have one example per row.
+    """
+    if "example_ids" in batch:
+        return batch["example_ids"]
     if "attention_mask" in batch:
-        valid = batch["attention_mask"][:, 1:].bool()
-    elif "position_ids" in batch:  # packed: padding sits after the last trained token of a row
-        last = (trained.float().flip(-1).cumsum(-1).flip(-1) > 0)
-        valid = last & (batch["position_ids"][:, 1:] > 0)
-    else:
-        valid = torch.ones_like(trained)
-    if cfg.kl_positions == "all":
+        return batch["attention_mask"].long()
+    return torch.ones_like(batch["input_ids"])
+
+
+def kl_positions(batch: dict, targets: torch.Tensor, term: KLTerm) -> torch.Tensor:
+    """(B, T-1) bool: which shifted positions carry the KL term.
+
+    trained: the trained targets; all: every position whose next token is a real token of the
+    same example; last_n: the last n of those in each example (packed rows: of each example).
+    """
+    trained = targets != IGNORE
+    if term.positions == "trained":
+        return trained
+    seg = example_ids(batch)
+    valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)   # position t predicts t+1, same example
+    if term.positions == "all":
         return valid
-    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)  # 1 at the last valid position
-    return valid & (from_end <= cfg.kl_last_n)
+    count = valid.long().cumsum(-1)                            # valid positions so far in the row
+    nseg = int(seg.max()) + 1
+    # count at each example's last valid position: the running count's maximum within the example
+    end = torch.zeros(seg.shape[0], nseg, dtype=count.dtype, device=count.device)
+    end.scatter_reduce_(1, seg[:, :-1], count, reduce="amax")
+    from_end = end.gather(1, seg[:, :-1]) - count + 1          # 1 at an example's last valid position
+    return valid & (from_end <= term.last_n)
 
 
-def batch_loss(model, batch: dict, cfg: LossCfg, kl_lambda: float = 0.0, normaliser: float | None = None,
-               ref_model=None, want_kl: bool = False, ref_cache: dict | None = None, key=None) -> LossOut:
-    """CE (+ kl_lambda x KL to the base) over the batch's trained tokens.
+def batch_loss(model, batch: dict, kl: KLTerm | None = None, normaliser: float | None = None,
+               ref_model=None, ref_cache: dict | None = None, key=None, chunk_size: int = 1024) -> LossOut:
+    """CE (+ kl.weight x KL to the base) over the batch's trained tokens; `kl=None`: CE only.
 
     The reference is the same model with adapters switched off, or `ref_model` (full fine-tuning).
-    want_kl computes the KL even when kl_lambda is 0 (for metrics). The base never changes, so
+    A KLTerm with weight 0 measures the KL without training on it. The base never changes, so
     evaluation passes `ref_cache` (a dict) and a `key` per batch: the base's hidden states at the
     selected positions are computed once and reused at every later evaluation.
     """
     targets = batch["labels"][:, 1:]
-    need_kl = kl_lambda > 0 or want_kl
     sel = targets != IGNORE
+    head = output_layer(model)
     kw = {}
-    if need_kl:
-        kmask = kl_positions(batch, targets, cfg)
+    if kl is not None:
+        kmask = kl_positions(batch, targets, kl)
         sel = sel | kmask
         # The base runs first, while no autograd graph is held, so its activations never add to
         # the tuned forward's peak.
@@ -93,16 +156,16 @@ def batch_loss(model, batch: dict, cfg: LossCfg, kl_lambda: float = 0.0, normali
             ref_sel = base_hidden(model, batch, ref_model)[:, :-1][sel]
             if ref_cache is not None:
                 ref_cache[key] = ref_sel
-        ref_w, ref_b, _ = output_layer(ref_model if ref_model is not None else model)
-        kw = dict(ref_hidden=ref_sel, ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach(),
-                  kl_mask=kmask[sel], kl_lambda=kl_lambda, temperature=cfg.kl_temperature,
-                  direction=cfg.kl_direction, jsd_beta=cfg.jsd_beta)
+        ref_head = output_layer(ref_model) if ref_model is not None else head
+        kw = dict(ref_hidden=ref_sel, ref_weight=ref_head.weight.detach(),
+                  ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+                  kl_mask=kmask[sel], kl_lambda=kl.weight, temperature=kl.temperature,
+                  direction=kl.direction, jsd_beta=kl.jsd_beta)
+        # KL holds about twice the (chunk, V) buffers of CE: halve the chunk to keep the same peak.
+        chunk_size = max(1, chunk_size // 2)
     h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
-    weight, bias, softcap = output_layer(model)
-    # KL holds about twice the (chunk, V) buffers of CE: halve the chunk to keep the same peak.
-    chunk = max(1, cfg.chunk_size // 2) if need_kl else cfg.chunk_size
-    return chunked_loss(h[sel], weight, targets[sel], bias=bias, normaliser=normaliser,
-                        chunk_size=chunk, logit_softcap=softcap, **kw)
+    return chunked_loss(h[sel], head.weight, targets[sel], normaliser=normaliser, chunk_size=chunk_size,
+                        **head.kwargs(), **kw)
 
 
 @torch.no_grad()
@@ -112,3 +175,33 @@ def base_hidden(model, batch: dict, ref_model=None) -> torch.Tensor:
         return hidden_states(ref_model, batch)
     with adapters_disabled(model):
         return hidden_states(model, batch)
+
+
+@torch.no_grad()
+def check_head(model, batch: dict, rtol: float = 1e-3) -> tuple[float, float]:
+    """Compare the chunked loss with the model's own logits on `batch` (a small slice); raise a
+    ConfigError if they differ. Returns (ours, the model's) mean CE per trained token.
+
+    Our loss rebuilds logits from the final hidden states and `output_layer`; a model whose head
+    does something else (an unknown scaling, a bias we miss, a non-standard decoder output) would
+    otherwise train on a wrong loss in silence.
+    """
+    was = model.training
+    model.eval()
+    try:
+        ours = batch_loss(model, batch, normaliser=1.0)
+        kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**kw, use_cache=False).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
+    finally:
+        model.train(was)
+    targets = batch["labels"][:, 1:]
+    theirs = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), targets.flatten(),
+                                               ignore_index=IGNORE, reduction="sum")
+    n = max(1, ours.n_tokens)
+    a, b = float(ours.ce_sum) / n, float(theirs) / n
+    if not math.isfinite(a) or abs(a - b) > rtol * max(1.0, abs(b)):
+        name = type(base_of(model)).__name__
+        raise ConfigError(f"{name}: slimtune's chunked loss ({a:.6f}) differs from the model's own logits "
+                          f"({b:.6f}) on the first batch; this architecture transforms its logits in a way "
+                          "slimtune does not know, so it refuses to train on a wrong loss. Please report it.")
+    return a, b

@@ -22,26 +22,7 @@ from .. import losses_pref as L
 from ..data.render import IGNORE
 from .forward import base_hidden, hidden_states, output_layer
 
-try:
-    from .objectives import Objective, StepOut
-except ImportError:  # before the objective interface lands on this branch
-    from dataclasses import dataclass
-
-    @dataclass
-    class StepOut:  # type: ignore[no-redef]
-        loss: torch.Tensor
-        sums: dict
-
-    class Objective:  # type: ignore[no-redef]
-        name = "?"
-        packable = True
-
-        def __init__(self, cfg):
-            self.cfg = cfg
-
-        @property
-        def uses_reference(self) -> bool:
-            return False
+from .objectives import Objective, StepOut
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -74,19 +55,20 @@ def score(model, batch: dict, ref_model=None, want_ref: bool = True, chunk_size:
     n_rows = targets.shape[0]
     kw = {}
     if want_ref:  # the base first, while no autograd graph is held
-        rw, rb, _ = output_layer(ref_model if ref_model is not None else model)
+        ref_head = output_layer(ref_model if ref_model is not None else model)
         if ref_cache is not None and key in ref_cache:
             ref_h = ref_cache[key]
         else:
             ref_h = base_hidden(model, batch, ref_model)[:, :-1][sel]
             if ref_cache is not None:
                 ref_cache[key] = ref_h
-        kw = dict(ref_hidden=ref_h, ref_weight=rw.detach(),
-                  ref_bias=None if rb is None else rb.detach())
+        kw = dict(ref_hidden=ref_h, ref_weight=ref_head.weight.detach(),
+                  ref_bias=None if ref_head.bias is None else ref_head.bias.detach())
     h = hidden_states(model, batch)[:, :-1][sel]            # (N, H)
-    w, b, cap = output_layer(model)
+    head = output_layer(model)
     chunk = max(1, chunk_size // 2) if want_ref else chunk_size  # the base's logits double the buffers
-    tl = L.token_logps(h, w, targets[sel], bias=b, chunk_size=chunk, logit_softcap=cap, **kw)
+    tl = L.token_logps(h, head.weight, targets[sel], bias=head.bias, chunk_size=chunk, logit_softcap=head.softcap,
+                       logit_scale=head.scale, **kw)
     out = {"logps": L.sequence_sums(tl.logps, seq, n_rows), "lengths": sel.sum(1).float(),
            "ref_logps": None, "kl_sum": None}
     if want_ref:
@@ -123,6 +105,11 @@ class PairedObjective(Objective):
             batch["ref_logps"] = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows],
                                               dtype=torch.float32)
         return batch
+
+    def prepare_data(self, tokenizer, seed: int = 0):
+        from ..data.preference import prepare_preferences
+
+        return prepare_preferences(self.cfg.data, tokenizer, row_kind(self.name), seed)
 
     def pair_loss(self, sc: dict) -> L.PrefOut:
         raise NotImplementedError
