@@ -361,3 +361,48 @@ def test_train_each_objective_end_to_end_and_preference_accuracy_rises(tiny_dir,
         assert step[k] is not None and math.isfinite(step[k]), k
     if name in ("ipo", "kto"):  # the reference ran this step: KL to base is logged
         assert step["kl"] is not None and step["kl"] >= 0
+
+
+def test_slimtune_eval_of_a_dpo_run_reports_preference_metrics_base_vs_tuned(tiny_dir, tmp_path):
+    from slimtune.evaluate.suite import evaluate_run, format_table
+    from slimtune.train.loop import train
+
+    data = write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / "dpo"
+    train(build_config({}, [f"model.name={tiny_dir}", f"data.train={data}", f"train.output_dir={out}",
+                            "train.max_steps=6", "train.batch_size=4", "train.lr=2e-2", "train.progress=false",
+                            "loss.objective=dpo", "eval.max_new_tokens=4", "data.val_fraction=0.25"]),
+          log=lambda *_: None)
+    res = evaluate_run(str(out), max_prompts=2, log=lambda m: None)
+    h = res["heldout"]
+    assert h["objective"] == "dpo" and h["examples"] == 3 and "held-out split" in h["data"]
+    assert h["base"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the base is its own reference
+    assert h["base"]["accuracy"] == 0 and h["tuned"]["loss"] < h["base"]["loss"]
+    assert h["tuned"]["pref_margin"] > h["base"]["pref_margin"] and h["kl_to_base"] > 0
+    table = format_table(res)
+    assert "preference accuracy" in table and "reward accuracy" in table
+    assert res["generation"]["tuned"]["answers"] == 2
+
+
+def test_data_pairs_takes_the_models_own_answer_as_rejected(tiny_dir, tmp_path):
+    import json
+
+    from slimtune.cli import main
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                    {"role": "assistant", "content": "fine thank you"}]}) + "\n"
+                           for i in range(3)))
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "pairs", str(sft), "--model", tiny_dir, "--out", str(out), "--max-new-tokens", "5"]) in (0, None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    from slimtune.generate import generate
+    from slimtune.runfolder import load_run
+
+    model, tok, _ = load_run(tiny_dir)
+    want = generate(model, tok, [{"role": "user", "content": "hello 0"}], 5)["text"]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "hello 0"}]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "fine thank you"}]
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": want}]
+    render_pair(rows[0], tok)  # a valid preference row

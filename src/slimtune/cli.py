@@ -71,6 +71,19 @@ def add_data(sub):
     sp.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
     sp.set_defaults(func=cmd_data_split)
 
+    pr = dsub.add_parser("pairs", help="preference pairs from an SFT file: its answer chosen, the model's own rejected",
+                         description="For each chat of FILE: prompt = the turns before the last assistant turn, "
+                                     "chosen = the dataset's answer, rejected = MODEL's greedy answer. Writes "
+                                     "{prompt, chosen, rejected} JSONL for loss.objective=dpo (or ipo, orpo, simpo, kto).")
+    pr.add_argument("file", help="SFT chats: JSON/JSONL, builtin:instructions, or chitchat[:N]")
+    pr.add_argument("--model", default="smollm2-135m", help="model, run folder or .gguf (default: smollm2-135m)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--format", default="auto")
+    pr.add_argument("--system-prompt")
+    pr.add_argument("--max-new-tokens", type=int, default=256)
+    pr.add_argument("--limit", type=int, help="only the first N chats")
+    pr.set_defaults(func=cmd_data_pairs)
+
 
 def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
     from .data.prepare import read_chats
@@ -120,6 +133,27 @@ def cmd_data_split(args):
     write_chats(train, out / "train.jsonl")
     write_chats(val, out / "val.jsonl")
     print(f"wrote {len(train)} train and {len(val)} val chats to {out}")
+
+
+def cmd_data_pairs(args):
+    from .data.preference import pairs_from_sft
+    from .generate import generate
+    from .runfolder import load_run
+    from .utils import atomic_write_text
+
+    chats = _read_any(args.file, args.format, args.system_prompt)[: args.limit]
+    model, tok, _ = load_run(args.model)
+
+    def answer(prompt):
+        return generate(model, tok, prompt, args.max_new_tokens)["text"]
+
+    def progress(i, n):
+        print(f"\ranswering {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
+
+    rows, same = pairs_from_sft(chats, answer, progress)
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} pairs to {args.out}" + (f" ({same} skipped: the model gave the dataset's answer)"
+                                                      if same else ""))
 
 
 # ---------------------------------------------------------------- eval, compare, chat, merge, report

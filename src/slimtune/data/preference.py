@@ -245,3 +245,21 @@ def prepare_preferences(cfg, tokenizer, kind: str = "paired", seed: int = 0):
                 "prompt_tokens": sum(len(r["prompt_ids"]) for r in rs)}
 
     return Prepared(train, val, general, {"train": summary(train, st), "val": summary(val, vst)})
+
+
+def pairs_from_sft(chats: list[Messages], answer, log=lambda *_: None) -> tuple[list[dict], int]:
+    """Preference pairs from SFT chats: prompt = every turn before the last assistant turn,
+    chosen = the dataset's answer, rejected = `answer(prompt)` (the model's own greedy answer).
+    Chats where the model already gives the dataset's answer are skipped (counted)."""
+    rows, same = [], 0
+    for i, chat in enumerate(chats):
+        last = max(j for j, m in enumerate(chat) if m["role"] == "assistant")
+        prompt, chosen = chat[:last], chat[last]["content"]
+        rejected = answer(prompt).strip()
+        log(i + 1, len(chats))
+        if not rejected or rejected == chosen.strip():
+            same += 1
+            continue
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    return rows, same
