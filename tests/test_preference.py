@@ -406,3 +406,15 @@ def test_data_pairs_takes_the_models_own_answer_as_rejected(tiny_dir, tmp_path):
     assert rows[0]["chosen"] == [{"role": "assistant", "content": "fine thank you"}]
     assert rows[0]["rejected"] == [{"role": "assistant", "content": want}]
     render_pair(rows[0], tok)  # a valid preference row
+
+
+def test_report_plots_preference_metrics(tmp_path):
+    from slimtune.evaluate.report import make_plots
+
+    rows = [{"step": 0, "eval_loss": 0.69, "eval_margin": 0.0, "eval_accuracy": 0.0, "eval_pref_accuracy": 0.4},
+            {"step": 1, "loss": 0.6, "rewards_chosen": 0.1, "rewards_rejected": -0.1, "margin": 0.2, "accuracy": 0.75,
+             "lr": 1e-3, "tokens_per_s": 10.0},
+            {"step": 1, "eval_loss": 0.5, "eval_margin": 0.3, "eval_accuracy": 0.8, "eval_pref_accuracy": 0.7}]
+    made = make_plots(rows, tmp_path)
+    assert {"loss", "rewards", "preference"} <= set(made) and all(p.stat().st_size > 1000 for p in made.values())
+    assert "rewards" not in make_plots([{"step": 1, "loss": 1.0, "lr": 1e-3}], tmp_path / "sft")
