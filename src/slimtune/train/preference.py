@@ -21,7 +21,6 @@ import torch
 from .. import losses_pref as L
 from ..data.render import IGNORE
 from .forward import base_hidden, hidden_states, output_layer
-
 from .objectives import Objective, StepOut
 
 
