@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from slimtune.config import Config, build_config, load_config
@@ -26,11 +25,7 @@ def test_every_shipped_config_loads(path):
     for section, values in raw.items():  # every key written in the file arrived
         for key, value in values.items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
-    if cfg.method.name == "qlora" and not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA"):
-            check_machine(cfg)
-    else:
-        check_machine(cfg)
+    check_machine(cfg)  # runs here: qlora too (bitsandbytes quantises on this CPU)
 
 
 def test_overrides_and_types():

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import chats
@@ -31,3 +32,38 @@ def test_ddp_two_processes_equal_one_process_accumulating(tiny_dir, tmp_path):
     assert max(float(v.abs().max()) for v in a.values()) > 0.01  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimtune.cli", "train"]
+
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("stop", ["plateau", "eval", "time"])
+def test_ddp_processes_stop_together_and_log_the_whole_batch_loss(tiny_dir, tmp_path, stop):
+    """Every process stops at the same step (else the other waits in an all-reduce until the
+    timeout), and the logged loss is the whole accumulated batch's: the 1-process run's."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(32, seed=1)))
+    common = [f"model.name={tiny_dir}", f"data.train={data}", "train.max_steps=8", "data.general_prompts=",
+              "train.progress=false", "train.batch_size=2", "data.group_by_length=false", "train.lr=1e-2",
+              "data.max_length=64", "eval.max_examples=4", "eval.kl=false"]
+    common += {"plateau": ["train.plateau_patience=1", "train.plateau_min_delta=0.5"],
+               "eval": ["eval.every=1", "train.early_stop_patience=1", "train.lr=1e-9"],
+               "time": ["train.max_minutes=0.0001"]}[stop]
+    p = subprocess.run(LAUNCH + common + ["train.grad_accum=2", f"train.output_dir={tmp_path / 'ddp'}"],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["stopped"] != "completed" and summary["steps"] < 8, summary["stopped"]
+    if stop == "plateau":  # the same run on one process accumulating all four micro-batches
+        p = subprocess.run([sys.executable, "-m", "slimtune.cli", "train"] + common +
+                           ["train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"],
+                           capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
+        one = [r["loss"] for r in _rows(tmp_path / "one") if "loss" in r]
+        ddp = [r["loss"] for r in _rows(tmp_path / "ddp") if "loss" in r]
+        assert ddp == pytest.approx(one, rel=1e-5) and len(one) == summary["steps"]

@@ -64,10 +64,15 @@ def test_hub_id_offline_says_what_to_do(monkeypatch):
         assert "smollm2-135m" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_quantize_4bit_needs_cuda(tiny_dir):
-    with pytest.raises(SlimtuneError, match="CUDA"):
-        load_model(tiny_dir, quantize_4bit=True)
+def test_quantize_4bit_where_bitsandbytes_runs(tiny_dir, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = load_model(tiny_dir, quantize_4bit=True, device="cpu")  # NF4 on the CPU, fp32 compute
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    from slimtune import machine
+
+    monkeypatch.setattr(machine, "_quantises", lambda kind: False)
+    with pytest.raises(SlimtuneError, match="cannot quantise to NF4 on cpu"):
+        load_model(tiny_dir, quantize_4bit=True, device="cpu")
 
 
 def test_no_chat_template_is_refused(tmp_path):

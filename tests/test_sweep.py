@@ -24,7 +24,8 @@ def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
     spec = {"config": {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64,
                                                              "general_prompts": None},
                        "train": {"max_steps": 2, "progress": False}, "eval": {"max_examples": 4}},
-            "grid": {"train.lr": [1e-4, 3e-2], "method.r": [2]}, "output_dir": str(tmp_path / "sw")}
+            "grid": {"train.lr": [1e-4, 3e-2], "method.r": [2]}, "output_dir": str(tmp_path / "sw"),
+            "evaluate": False}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     rows = sweep(tmp_path / "s.yaml", log=lambda *_: None)
     assert len(rows) == 2
@@ -34,6 +35,9 @@ def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
     ranked = [l.split("|")[2].strip() for l in table.splitlines()[2:]]
     losses = {r["run"]: r["eval_loss"] for r in rows}
     assert losses[ranked[0]] <= losses[ranked[1]]
+    for r in rows:  # efficiency beside quality
+        assert r["trainable"] > 0 and r["adapter_mb"] > 0 and r["s_per_step"] > 0 and r["peak_rss_mb"] > 0
+    assert "kl" in rows[0]["pareto"] or "kl" in rows[1]["pareto"]
     mtime = (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime
     sweep(tmp_path / "s.yaml", log=lambda *_: None)  # finished runs are not run again
     assert (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime == mtime
@@ -49,15 +53,30 @@ def test_shipped_sweeps_are_valid():
     from pathlib import Path
 
     from slimtune.config import build_config
-    from slimtune.sweep import _override_strings, load_sweep
+    from slimtune.sweep import _override_strings, load_sweep, sweep_runs
     paths = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
     assert paths, "no shipped sweep found"
     for path in paths:
         base, grid, _ = load_sweep(path)
-        runs = list(grid_runs(grid))
+        runs, _ = sweep_runs(grid)
         assert len(runs) > 1, f"{path.name}: a sweep of one run"
         for combo in runs:  # every run's config builds and carries its grid values
             cfg = build_config(base, _override_strings(combo))
             for key, value in combo.items():
                 section, name = key.split(".", 1)
                 assert getattr(getattr(cfg, section), name) == value, f"{path.name}: {key}"
+
+
+def test_pareto_front():
+    from slimtune.sweep import pareto
+    rows = [{"run": "a", "eval_loss": 1.0, "eval_kl": 0.5}, {"run": "b", "eval_loss": 1.2, "eval_kl": 0.1},
+            {"run": "c", "eval_loss": 1.3, "eval_kl": 0.6}, {"run": "d", "eval_loss": 1.0, "eval_kl": 0.7},
+            {"run": "e", "eval_loss": None, "eval_kl": 0.0}]
+    assert pareto(rows, "eval_kl") == {"a", "b"}  # c is beaten by a on both, d ties a on loss with more KL
+
+
+def test_one_factor_at_a_time():
+    from slimtune.sweep import one_at_a_time, run_name
+    runs = one_at_a_time({"train.lr": [1e-4, 1e-3], "method.r": [4]})
+    assert runs == [{}, {"train.lr": 1e-4}, {"train.lr": 1e-3}, {"method.r": 4}]
+    assert [run_name(r) for r in runs] == ["base", "lr-0.0001", "lr-0.001", "r-4"]

@@ -50,6 +50,11 @@ def add_data(sub):
     s.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     s.set_defaults(func=cmd_data_stats)
 
+    t = dsub.add_parser("check-template", help="probe chats through a model's chat template: trained tokens marked, "
+                                               "behaviours detected (default system, rewritten turns, eot vs eos...)")
+    t.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
+    t.set_defaults(func=cmd_data_check_template)
+
     c = dsub.add_parser("convert", help="any supported format (or chitchat) -> ChatML messages JSONL")
     c.add_argument("file", help="input file, or chitchat[:N] for the chitchat-dataset package")
     c.add_argument("--out", required=True)
@@ -91,6 +96,7 @@ def _read_any(spec: str, fmt: str = "auto", system_prompt: str | None = None):
 
 
 def cmd_data_stats(args):
+    from .data.template_check import summary
     from .data.tools import highlight, render_all
     from .models import load_tokenizer
 
@@ -102,12 +108,20 @@ def cmd_data_stats(args):
         print(json.dumps(stats, indent=2))
         return
     print(f"{args.file}  (tokenizer: {args.model}, train_on={args.train_on}, max_length={args.max_length})")
+    print(f"  template: {summary(tok)}")
     for k, v in stats.items():
         print(f"  {k:<17} {v:,}" if isinstance(v, int) else f"  {k:<17} {v}")
     color = sys.stdout.isatty()
     for ex in examples[: args.show]:
         mark = "green" if color else "[[ ]]"
         print(f"\nexample with trained tokens in {mark}:\n" + highlight(ex, tok, color))
+
+
+def cmd_data_check_template(args):
+    from .data.template_check import report
+    from .models import load_tokenizer
+
+    print(report(load_tokenizer(args.model), color=sys.stdout.isatty()))
 
 
 def cmd_data_convert(args):
@@ -255,6 +269,27 @@ def cmd_merge(args):
     merge_run(args.run, args.out, args.dtype)
 
 
+def add_export(sub):
+    p = sub.add_parser("export", help="merge a run and write one GGUF file (llama.cpp, Ollama, LM Studio)",
+                       description="Merge RUN (parity printed), write it as GGUF with its tokenizer and chat "
+                                   "template, write an Ollama Modelfile beside it, and check the file by "
+                                   "reading it back with transformers' GGUF loader (logit difference printed).")
+    p.add_argument("run", help="run folder (or a merged / plain model folder)")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="weights: f32 (exact), f16 (default, half the size), q8_0 (a quarter)")
+    p.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile goes beside it)")
+    p.add_argument("--no-verify", action="store_true", help="skip reading the file back with transformers")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    from .ship.gguf import export_gguf
+
+    res = export_gguf(args.run, args.out, args.type, verify=not args.no_verify)
+    print(json.dumps(res, indent=2))
+
+
 def add_report(sub):
     p = sub.add_parser("report", help="plots and a self-contained HTML report of a run",
                        description="Write RUN/plots/*.png and RUN/report.html (config, metrics, plots, samples).")
@@ -289,7 +324,7 @@ def cmd_sweep(args):
 
 
 # ---------------------------------------------------------------- registry
-COMMANDS = [add_train, add_data, add_sweep, add_eval, add_compare, add_chat, add_merge, add_report]
+COMMANDS = [add_train, add_data, add_sweep, add_eval, add_compare, add_chat, add_merge, add_export, add_report]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass
@@ -63,6 +66,9 @@ class DataCfg:
     """Added to chats that have no system turn (formats without one: alpaca, dolly...)."""
     train_on: str = "assistant"
     """Which tokens are trained: every assistant turn, the last assistant turn, or all tokens."""
+    train_reasoning: bool = True
+    """Train an assistant turn's reasoning block (from `reasoning_content`/`thinking`, as the chat
+    template writes it) with its answer; False masks it and trains only the answer + end of turn."""
     max_length: int = 512
     """Longer examples are truncated to this many tokens (labels stay aligned)."""
     drop_untrained: bool = True
@@ -98,7 +104,10 @@ class MethodCfg:
     targets: str | list[str] = "attn"
     """attn, attn_mlp, all_linear, or a list of module names (e.g. [q_proj, v_proj])."""
     layers: str | list[int] | None = None
-    """Only these layers, e.g. '10-20' or [0, 1, 2]. Empty: all layers."""
+    """Only these layers, e.g. '10-20' or [0, 1, 2]; 'auto:K' picks the K layers whose adapter
+    gradient is largest at the start (train/layer_choice.py). Empty: all layers."""
+    auto_layers_batches: int = 4
+    """layers=auto:K: training batches the layer scores are measured on."""
     num_virtual_tokens: int = 20
     """prompt_tuning / prefix_tuning: number of virtual tokens."""
     prompt_init_text: str | None = None
@@ -113,6 +122,9 @@ class MethodCfg:
                                   f"{', '.join(TARGETS)}, or a list of module names like [q_proj, v_proj]")
         if self.r < 1:
             raise ConfigError(f"method.r must be >= 1, got {self.r}")
+        if isinstance(self.layers, str) and self.layers.startswith("auto") and \
+                not (self.layers[5:].isdigit() and self.layers[:5] == "auto:"):
+            raise ConfigError(f"method.layers={self.layers!r}: write auto:K, e.g. auto:4")
 
 
 @dataclass
@@ -237,8 +249,22 @@ class TrainCfg:
     """Print the live progress line."""
     num_threads: int | None = None
     """torch CPU threads. Empty: torch's default."""
+    device: str = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda, mps."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 autocast for forward and loss; trained weights and optimizer state stay
+    fp32 (needs model.dtype=float32); fp16 scales the loss and skips steps whose gradients overflow."""
+    fsdp: bool = False
+    """Under a multi-process launch: shard weights, gradients and optimizer state over the
+    processes (FSDP2, one unit per decoder layer) instead of replicating them (DDP)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: tensorboard (local files in RUN/tb), wandb, mlflow, trackio. Empty: none."""
 
     def __post_init__(self):
+        _choice("train.device", self.device, DEVICES)
+        _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for t in self.report_to:
+            _choice("train.report_to", t, TRACKERS)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:

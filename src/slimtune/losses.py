@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from .data.render import IGNORE  # one definition: the label of untrained positions
+
 DIRECTIONS = ("forward", "reverse", "jsd")
 
 

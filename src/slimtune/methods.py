@@ -34,6 +34,9 @@ def parse_layers(spec) -> list[int] | None:
     """'10-20' (inclusive), '1,3,5', [0, 1] or None -> a sorted list of layer indices."""
     if spec is None or spec == "":
         return None
+    if isinstance(spec, str) and spec.strip().startswith("auto:"):
+        raise ConfigError(f"method.layers={spec!r} is resolved when training starts (slimtune train); "
+                          "here give explicit layers")
     if isinstance(spec, int):
         return [spec]
     if isinstance(spec, list):

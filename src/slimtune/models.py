@@ -115,16 +115,17 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     """Load a causal LM for `name` (see resolve_model), in eval mode.
 
     dtype: float32 | bfloat16 | float16 | auto (what the checkpoint says).
-    quantize_4bit: QLoRA base, bitsandbytes NF4 with double quantization and bf16 compute;
-    needs a CUDA GPU. device: "cpu", "cuda", "cuda:1", ... (None: leave where loaded, CPU).
+    quantize_4bit: QLoRA base, bitsandbytes NF4 with double quantization, computing in what
+    the device supports (machine.four_bit_support: float32 on CPU, bf16 on CUDA).
+    device: "cpu", "cuda", "cuda:1", "mps" (None: leave where loaded, CPU).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation,
                   trust_remote_code=trust_remote_code, use_safetensors=True)
     if quantize_4bit:
-        kwargs["quantization_config"] = _nf4_config()
-        kwargs["device_map"] = {"": device or "cuda:0"}
+        kwargs["quantization_config"] = _nf4_config(device or "cpu")
+        kwargs["device_map"] = {"": device or "cpu"}
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
@@ -180,17 +181,15 @@ def _from_pretrained(loader, name: str, path: str, what: str, **kwargs):
                             f"{HOW_TO}") from e
 
 
-def _nf4_config():
-    """BitsAndBytesConfig for QLoRA; checks for CUDA before importing bitsandbytes."""
-    if not torch.cuda.is_available():
-        raise SlimtuneError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit), and this machine has "
-                            "none: set quantize_4bit to false (plain LoRA runs on CPU)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise SlimtuneError("quantize_4bit needs bitsandbytes: pip install bitsandbytes")
+def _nf4_config(device: str):
+    """BitsAndBytesConfig for QLoRA on `device`; SlimtuneError if bitsandbytes cannot run there."""
     from transformers import BitsAndBytesConfig
 
+    from .machine import four_bit_support
+
+    compute = four_bit_support(device)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,10 +49,21 @@ def load_base(cfg: Config, dtype: str = "float32", device: str | None = None):
 
     from .methods import method_of
 
-    four_bit = method_of(cfg.method.name).four_bit and torch.cuda.is_available()
+    four_bit = method_of(cfg.method.name).four_bit and _quantises(device)
     return load_model(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                       attn_implementation=cfg.model.attn_implementation, quantize_4bit=four_bit,
                       device=device)
+
+
+def _quantises(device: str | None) -> bool:
+    """Can bitsandbytes hold a 4-bit base on `device` here? (Else a QLoRA base loads unquantised.)"""
+    from .machine import four_bit_support
+
+    try:
+        four_bit_support(device or "cpu")
+        return True
+    except SlimtuneError:
+        return False
 
 
 def load_run(path: str | Path, dtype: str = "float32", device: str | None = None):
@@ -61,7 +72,8 @@ def load_run(path: str | Path, dtype: str = "float32", device: str | None = None
     Adapters load as a `peft.PeftModel` on the base named in the run's config (so
     `methods.adapters_disabled(model)` is the base); a full fine-tune loads as a plain model.
     For a plain model, cfg is the defaults with model.name set.
-    A QLoRA run loads its base in 4 bits on CUDA and unquantised in `dtype` elsewhere.
+    A QLoRA run loads its base in 4 bits (NF4) wherever bitsandbytes runs (CPU, CUDA), as it was
+    trained, and unquantised in `dtype` elsewhere (e.g. MPS).
     """
     from .models import load_model, load_tokenizer
 

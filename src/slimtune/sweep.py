@@ -8,8 +8,18 @@
       method.r: [8, 16]
       loss.kl_lambda: [0.0, 0.05]
 
-Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), and
-`results.csv` / `results.md` rank the runs by held-out loss, with KL to base beside it.
+or, one factor at a time around the base config (the base run, then each value of each key alone):
+
+    vary:
+      train.optimizer: [adafactor, lion]
+      method.r: [4, 32]
+
+Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), is
+evaluated with `slimtune eval` (`evaluate: false` skips it; an existing eval.json is reused), and
+`results.csv` / `results.md` rank the runs by held-out loss, with KL to base, the evaluation's
+generation metrics and efficiency (trainable parameters, adapter size, s/step, tokens/s, peak
+memory) beside it. A run on the Pareto front of (loss, KL) or (loss, trainable parameters) is
+marked; results.png draws both fronts.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from .config import build_config, load_config
 from .errors import ConfigError
 from .utils import atomic_write_text
 
-COLUMNS = ["run", "eval_loss_before", "eval_loss", "eval_ppl", "eval_kl", "general_kl", "trained_tokens_per_s",
-           "train_s", "steps", "trainable"]
+COLUMNS = ["run", "eval_loss_before", "eval_loss", "eval_ppl", "eval_kl", "general_kl", "trainable",
+           "adapter_mb", "s_per_step", "trained_tokens_per_s", "peak_rss_mb", "train_s", "steps", "pareto"]
+GEN_COLUMNS = ["list_share", "heading_share", "stray_tag_share", "ended_share", "mean_tokens", "loop_share",
+               "distinct_2", "ifeval_pass_rate"]
+"""Generation metrics of the tuned model taken from each run's eval.json, where present."""
 
 
 def grid_runs(grid: dict[str, list]) -> list[dict[str, object]]:
@@ -36,6 +49,12 @@ def grid_runs(grid: dict[str, list]) -> list[dict[str, object]]:
             raise ConfigError(f"sweep grid entry '{key}' must be section.key: [value, ...]")
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def one_at_a_time(vary: dict[str, list]) -> list[dict[str, object]]:
+    """The base ({}), then one run per (key, value): the study design of a one-factor sweep."""
+    grid_runs(vary)  # the same checks
+    return [{}] + [{k: v} for k, values in vary.items() for v in values]
 
 
 def run_name(overrides: dict) -> str:
@@ -50,18 +69,32 @@ def _override_strings(overrides: dict) -> list[str]:
 
 def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(spec) - {"base", "config", "grid", "output_dir"}
+    unknown = set(spec) - {"base", "config", "grid", "vary", "output_dir", "evaluate"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid, output_dir")
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid or vary, "
+                          "output_dir, evaluate")
+    if spec.get("grid") and spec.get("vary"):
+        raise ConfigError(f"{path}: give grid (every combination) or vary (one factor at a time), not both")
     base = load_config(spec["base"]).to_dict() if spec.get("base") else (spec.get("config") or {})
+    if spec.get("vary"):
+        return base, {"__vary__": spec["vary"]}, Path(spec.get("output_dir", "runs/sweep"))
     return base, spec.get("grid") or {}, Path(spec.get("output_dir", "runs/sweep"))
 
 
-def sweep(path: str | Path, log=print, extra: list[str] = ()) -> list[dict]:
+def sweep_runs(grid: dict) -> tuple[list[dict], list[str]]:
+    """(the runs' overrides, the keys they vary) for a grid or a one-factor `vary`."""
+    if "__vary__" in grid:
+        return one_at_a_time(grid["__vary__"]), list(grid["__vary__"])
+    return (grid_runs(grid) if grid else [{}]), list(grid)
+
+
+def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | None = None) -> list[dict]:
     from .train.loop import train
 
     base, grid, out = load_sweep(path)
-    combos = grid_runs(grid) if grid else [{}]
+    if evaluate is None:
+        evaluate = (yaml.safe_load(Path(path).read_text()) or {}).get("evaluate", True)
+    combos, keys = sweep_runs(grid)
     for combo in combos:  # validate every combination before the first model loads
         build_config(base, list(extra) + _override_strings(combo))
     log(f"sweep: {len(combos)} runs into {out}")
@@ -73,8 +106,11 @@ def sweep(path: str | Path, log=print, extra: list[str] = ()) -> list[dict]:
             log(f"[{i}/{len(combos)}] {name}")
             cfg = build_config(base, list(extra) + _override_strings(combo) + [f"train.output_dir={run_dir}"])
             train(cfg, log=log)
+        if evaluate and not (run_dir / "eval.json").exists():
+            from .evaluate.suite import evaluate_run
+            evaluate_run(str(run_dir), log=log)
         rows.append(result_row(run_dir, name, combo))
-    write_results(rows, out, list(grid))
+    write_results(rows, out, keys)
     return rows
 
 
@@ -83,14 +119,31 @@ def result_row(run_dir: Path, name: str, combo: dict) -> dict:
     row = {"run": name, **combo, "eval_loss_before": s["before"]["eval_loss"], "eval_loss": s["after"]["eval_loss"],
            "eval_ppl": s["after"]["eval_ppl"], "eval_kl": s["after"]["eval_kl"], "general_kl": s["after"]["general_kl"],
            "trained_tokens_per_s": s["time"]["trained_tokens_per_s"], "train_s": s["time"]["train_s"],
-           "steps": s["steps"], "trainable": s["params"]["trainable"]}
+           "steps": s["steps"], "trainable": s["params"]["trainable"],
+           "s_per_step": round(s["time"]["train_s"] / max(1, s["steps"]), 3), "peak_rss_mb": s["time"]["peak_rss_mb"],
+           "adapter_mb": round(sum(f.stat().st_size for f in run_dir.glob("*.safetensors")) / 2**20, 3)}
+    ev = run_dir / "eval.json"
+    if ev.exists():
+        tuned = json.loads(ev.read_text()).get("generation", {}).get("tuned", {})
+        row.update({k: tuned[k] for k in GEN_COLUMNS if isinstance(tuned.get(k), (int, float))})
     return row
+
+
+def pareto(rows: list[dict], x: str, y: str = "eval_loss") -> set[str]:
+    """Names of the runs no other run beats on both x and y (lower is better for both)."""
+    pts = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
+    return {r["run"] for r in pts
+            if not any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y]) for o in pts)}
 
 
 def write_results(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
     """results.csv and results.md (ranked by held-out loss), and results.png (loss vs KL)."""
     rows = sorted(rows, key=lambda r: (r["eval_loss"] is None, r["eval_loss"] or 0))
-    cols = ["run"] + grid_keys + COLUMNS[1:]
+    fronts = {"kl": pareto(rows, "eval_kl"), "params": pareto(rows, "trainable")}
+    for r in rows:
+        r["pareto"] = "+".join(k for k, names in fronts.items() if r["run"] in names)
+    gen = [c for c in GEN_COLUMNS if any(c in r for r in rows)]
+    cols = ["run"] + grid_keys + COLUMNS[1:] + gen
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore")
@@ -106,16 +159,24 @@ def write_results(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    pts = [r for r in rows if r["eval_loss"] is not None and r["eval_kl"] is not None]
-    if not pts:
-        return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter([r["eval_kl"] for r in pts], [r["eval_loss"] for r in pts])
-    for r in pts:
-        ax.annotate(r["run"], (r["eval_kl"], r["eval_loss"]), fontsize=7)
-    ax.set_xlabel("KL(base || tuned) per held-out token")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("sweep: loss vs drift from the base")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, x, label in ((axes[0], "eval_kl", "KL(base || tuned) per held-out token"),
+                         (axes[1], "trainable", "trainable parameters")):
+        pts = [r for r in rows if r["eval_loss"] is not None and r.get(x) is not None]
+        if not pts:
+            continue
+        ax.scatter([r[x] for r in pts], [r["eval_loss"] for r in pts], c="tab:blue")
+        front = sorted((r for r in pts if r["run"] in pareto(pts, x)), key=lambda r: r[x])
+        ax.plot([r[x] for r in front], [r["eval_loss"] for r in front], "o-", c="tab:red", label="Pareto front")
+        for r in pts:
+            ax.annotate(r["run"], (r[x], r["eval_loss"]), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss")
+        ax.legend()
+        if x == "trainable":
+            ax.set_xscale("log")
+    axes[0].set_title("loss vs drift from the base")
+    axes[1].set_title("loss vs trainable parameters")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
     plt.close(fig)

@@ -86,13 +86,15 @@ def test_truncation_keeps_labels_aligned():
     assert ids == full_ids[:20] and labels == full_labels[:20]
 
 
-def test_template_that_rewrites_earlier_turns_is_refused():
+def test_template_that_rewrites_earlier_turns_is_masked_as_rendered():
+    # The earlier turn loses its <think> block in the full rendering: it is trained without it.
     tok = make_tokenizer("rewriting")
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>hmm</think>Hello"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]
-    with pytest.raises(DataError, match="rewrites earlier turns"):
-        render_chat(chat, tok)
-    ids, labels = render_chat(chat, tok, train_on="last")  # the last turn alone is safe
+    ids, labels = render_chat(chat, tok)
+    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(ids, labels)]
+    assert runs == ["Hello<|im_end|>", "Bye<|im_end|>"]
+    ids, labels = render_chat(chat, tok, train_on="last")
     runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(ids, labels)]
     assert runs == ["Bye<|im_end|>"]
 

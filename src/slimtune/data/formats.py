@@ -1,7 +1,10 @@
 """Read chat data files and turn every row into a list of messages `[{role, content}, ...]`.
 
 Formats (detected per file from the first row's keys, or named):
-- messages: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+            "tools": [...] (optional)}; assistant turns may carry `reasoning_content` (or
+            `thinking`) and `tool_calls` (content may then be empty or null); `tool` turns may
+            carry `tool_call_id` and `name` (OpenAI shape). These survive into the chat (see Chat).
 - alpaca:   {"instruction", "input" (optional), "output"}
 - dolly:    {"instruction", "context" (optional), "response"}
 - sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
@@ -19,6 +22,21 @@ from pathlib import Path
 from ..errors import DataError
 
 Messages = list[dict[str, str]]
+
+
+class Chat(list):
+    """A chat: the list of message dicts, plus the row's chat-level `tools` (OpenAI function
+    specs) when it has them. Code that takes `list[dict]` takes it unchanged; render_chat reads
+    `.tools`. Slicing or `+` gives a plain list (the tools stay with the whole chat)."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools or None
+
+
+# Keys of a `messages` turn kept besides role and content, and the roles that may carry them.
+EXTRA_KEYS = {"reasoning_content": "assistant", "thinking": "assistant", "tool_calls": "assistant",
+              "tool_call_id": "tool", "name": "tool"}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
@@ -32,7 +50,7 @@ SIGNATURES = {
 }
 # Formats that hold a list of turns: (list key, role key, text key, role names -> ours, hint).
 TURN_LISTS = {
-    "messages": ("messages", "role", "content", {r: r for r in ROLES}, ", ".join(ROLES)),
+    "messages": ("messages", "role", "content", {r: r for r in ROLES + ("tool",)}, ", ".join(ROLES + ("tool",))),
     "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES, "human, gpt, system"),
 }
 BUILTIN = {"instructions", "general_prompts", "eval_prompts", "preferences"}
@@ -114,15 +132,22 @@ def row_to_messages(row: dict, fmt: str, path: str, line: int, system_prompt: st
         msgs = []
         for i, m in enumerate(raw):
             where = f"{list_key}[{i}]"
-            if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            calls = fmt == "messages" and isinstance(m, dict) and m.get("tool_calls")
+            if not isinstance(m, dict) or role_key not in m or (text_key not in m and not calls):
                 raise DataError(f"each turn needs '{role_key}' and '{text_key}'", path=path, line=line, field=where)
             role = roles.get(str(m[role_key]).lower())
             if role is None:
                 raise DataError(f"unknown role {m[role_key]!r}; use one of {hint}",
                                 path=path, line=line, field=f"{where}.{role_key}")
-            if not isinstance(m[text_key], str):
+            text = m.get(text_key)
+            if text is None and calls:
+                text = ""  # an OpenAI tool-call turn has content null
+            if not isinstance(text, str):
                 raise DataError(f"{text_key} must be a string", path=path, line=line, field=f"{where}.{text_key}")
-            msgs.append({"role": role, "content": m[text_key]})
+            msg = {"role": role, "content": text}
+            if fmt == "messages":
+                msg.update(_extras(m, role, path, line, where))
+            msgs.append(msg)
         field_of = lambda i: f"{list_key}[{i}].{text_key}"  # noqa: E731
     elif fmt in ("alpaca", "dolly"):
         extra_key, answer_key = ("input", "output") if fmt == "alpaca" else ("context", "response")
@@ -138,16 +163,63 @@ def row_to_messages(row: dict, fmt: str, path: str, line: int, system_prompt: st
     _validate(msgs, path, line, field_of)
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    return msgs
+    return Chat(msgs, _tools(row, path, line)) if fmt == "messages" else msgs
+
+
+def _extras(m: dict, role: str, path, line, where) -> dict:
+    """The reasoning / tool-call fields of one `messages` turn, validated."""
+    out = {}
+    for key, owner in EXTRA_KEYS.items():
+        val = m.get(key)
+        if val is None or val == "" or val == []:
+            continue
+        if role != owner:
+            raise DataError(f"only {owner} turns may carry '{key}'", path=path, line=line, field=f"{where}.{key}")
+        if key == "tool_calls":
+            _check_calls(val, path, line, f"{where}.{key}")
+        elif not isinstance(val, str):
+            raise DataError("must be a string", path=path, line=line, field=f"{where}.{key}")
+        out[key] = val
+    return out
+
+
+def _check_calls(calls, path, line, field) -> None:
+    """tool_calls: [{"type": "function", "function": {"name": str, "arguments": dict | str}}, ...]"""
+    if not isinstance(calls, list):
+        raise DataError("must be a list of {type, function: {name, arguments}}", path=path, line=line, field=field)
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError("each tool call needs function.name (OpenAI shape: "
+                            '{"type": "function", "function": {"name": ..., "arguments": {...}}})',
+                            path=path, line=line, field=f"{field}[{j}]")
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            raise DataError("arguments must be an object or a JSON string", path=path, line=line,
+                            field=f"{field}[{j}].function.arguments")
+
+
+def _tools(row: dict, path, line) -> list | None:
+    """The row's `tools` list (OpenAI function specs), validated; None when absent."""
+    tools = row.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError('must be a list of tool specs ({"type": "function", "function": {"name", ...}})',
+                        path=path, line=line, field="tools")
+    return tools
 
 
 def _validate(msgs: Messages, path, line, field_of) -> None:
-    """A chat alternates user/assistant after an optional system turn and ends with an assistant."""
+    """A chat alternates user/assistant after an optional system turn and ends with an assistant;
+    `tool` results follow an assistant turn with tool_calls."""
     for i, m in enumerate(msgs):
         if m["role"] == "system" and i != 0:
             raise DataError("a system message may only come first", path=path, line=line, field=field_of(i))
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise DataError("empty assistant turn: nothing to train on; remove the row or fill it in",
+                            path=path, line=line, field=field_of(i))
+        if m["role"] == "tool" and not (i and (msgs[i - 1]["role"] == "tool" or msgs[i - 1].get("tool_calls"))):
+            raise DataError("a tool result must follow an assistant turn with tool_calls (or another tool result)",
                             path=path, line=line, field=field_of(i))
     turns = [m for m in msgs if m["role"] != "system"]
     if not any(m["role"] == "assistant" for m in turns):

@@ -40,7 +40,7 @@ def prepare(cfg: DataCfg, tokenizer, seed: int = 0) -> Prepared:
         train_chats, val_chats = split(chats, cfg.val_fraction, seed)
     if cfg.max_examples:
         train_chats = train_chats[: cfg.max_examples]
-    kw = dict(train_on=cfg.train_on, max_length=cfg.max_length)
+    kw = dict(train_on=cfg.train_on, max_length=cfg.max_length, train_reasoning=cfg.train_reasoning)
     train, st = render_all(train_chats, tokenizer, drop_untrained=cfg.drop_untrained, source=cfg.train, **kw)
     val, vst = render_all(val_chats, tokenizer, source=cfg.val or "held-out split", **kw)
     if not train:

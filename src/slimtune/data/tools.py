@@ -18,8 +18,13 @@ from .formats import Messages, load_chats
 from .render import IGNORE, render_chat
 
 
+def _row(chat: Messages) -> dict:
+    tools = getattr(chat, "tools", None)  # a formats.Chat keeps its row's tools
+    return {"messages": list(chat), **({"tools": tools} if tools else {})}
+
+
 def write_chats(chats: list[Messages], path: str | Path) -> None:
-    atomic_write_text(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in chats))
+    atomic_write_text(path, "".join(json.dumps(_row(c), ensure_ascii=False) + "\n" for c in chats))
 
 
 def _normalise(chat: Messages) -> str:
@@ -38,7 +43,7 @@ class Deduper:
         self.n_exact = self.n_near = 0
 
     def keep(self, chat: Messages) -> bool:
-        exact = json.dumps(chat, sort_keys=True, ensure_ascii=False)
+        exact = json.dumps(_row(chat), sort_keys=True, ensure_ascii=False)  # tools count too
         if exact in self.exact:
             self.n_exact += 1
             return False
@@ -129,12 +134,13 @@ class RenderStats:
 
 
 def render_all(chats: list[Messages], tokenizer, train_on: str = "assistant", max_length: int | None = None,
-               drop_untrained: bool = True, source: str = "data") -> tuple[list[dict], RenderStats]:
+               drop_untrained: bool = True, source: str = "data",
+               train_reasoning: bool = True) -> tuple[list[dict], RenderStats]:
     """Render chats into examples {input_ids, labels}; count truncated and dropped ones."""
     examples, st = [], RenderStats()
     for i, chat in enumerate(chats):
         try:
-            ids, labels = render_chat(chat, tokenizer, train_on)
+            ids, labels = render_chat(chat, tokenizer, train_on, train_reasoning=train_reasoning)
         except DataError as e:
             raise DataError(f"{source} example {i + 1}: {e}") from None
         if max_length is not None and len(ids) > max_length:

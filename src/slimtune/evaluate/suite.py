@@ -25,7 +25,7 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     from ..data.prepare import prepare
     from ..data.tools import render_all
 
-    kw = dict(train_on=cfg.data.train_on, max_length=cfg.data.max_length)
+    kw = dict(train_on=cfg.data.train_on, max_length=cfg.data.max_length, train_reasoning=cfg.data.train_reasoning)
     general = []
     if cfg.data.general_prompts:
         general, _ = render_all(load_chats(cfg.data.general_prompts), tokenizer, source=cfg.data.general_prompts, **kw)

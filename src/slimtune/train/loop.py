@@ -33,27 +33,29 @@ from ..errors import ConfigError
 from ..evaluate.heldout import heldout_metrics
 from ..methods import apply_method, method_of, trainable_report
 from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
+from . import distributed
 from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .forward import check_head
+from .layer_choice import auto_k, choose_layers, layer_scores
 from .objectives import Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
+from .precision import Precision, check_precision
+from .trackers import check_trackers, make_trackers
 
 
-def _cpu_bf16() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except Exception:
-        return False
+def check_machine(cfg: Config, device: str | None = None) -> None:
+    """Checks that need the machine (the config checks itself): 4-bit base, bf16, trackers.
+    device: cpu / cuda / mps (None: the one train.device picks)."""
+    from ..machine import bf16_supported, four_bit_support, pick_device
 
-
-def check_machine(cfg: Config) -> None:
-    """Checks that need the machine (the config checks itself)."""
-    if method_of(cfg.method.name).four_bit and not torch.cuda.is_available():
-        raise ConfigError(f"method.name={cfg.method.name} needs a CUDA GPU (4-bit bitsandbytes base); "
-                          "on CPU use method.name=lora")
-    if cfg.model.dtype == "bfloat16" and not torch.cuda.is_available() and not _cpu_bf16():
+    device = device or pick_device(cfg.train.device)
+    if method_of(cfg.method.name).four_bit:
+        four_bit_support(device)
+    if cfg.model.dtype == "bfloat16" and device == "cpu" and not bf16_supported(device):
         print("warning: this CPU has no native bf16 support; bf16 will be slow", file=sys.stderr)
+    check_precision(cfg.train.mixed_precision, device, cfg.model.dtype)
+    check_trackers(cfg.train.report_to)
 
 
 def epoch_rows(examples: list[dict], cfg: Config, epoch: int, objective: Objective | None = None):
@@ -97,6 +99,8 @@ class Session:
     resumed_s: float = 0.0
     """Wall time spent before a resume (the cap counts it)."""
     train_timer: Timer | None = None
+    amp: Precision = field(default_factory=Precision)
+    """Autocast and fp16 loss scaling (train.mixed_precision)."""
 
     @property
     def main(self) -> bool:
@@ -123,21 +127,16 @@ def train(cfg: Config, log=print, callbacks: list[Callback] | tuple = (), object
 
 
 def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = None) -> Session:
-    from accelerate import Accelerator
-
     from ..models import load_model, load_tokenizer, model_info, resolve_model
 
-    check_machine(cfg)
     quiet_libraries()
     timer = Timer()
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"{acc.distributed_type.name} is not supported yet: the chunked loss reads the LM "
-                          "head outside the model's forward, where it is sharded; launch with DDP (--multi_gpu)")
+    acc = distributed.make_accelerator(cfg)  # train.device; FSDP is train.fsdp (distributed.py)
+    check_machine(cfg, acc.device.type)
     cfg = cfg.resolved(str(acc.device))
     tc = cfg.train
     run_dir = Path(tc.output_dir)
@@ -166,7 +165,19 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     if method.reference_copy and (objective.uses_reference or cfg.eval.kl):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the base, frozen
     base_params = model_info(model)["params"]
+    if auto_k(cfg.method.layers) is not None:  # measure which layers to adapt, then record the choice
+        k = auto_k(cfg.method.layers)
+        scores = layer_scores(model, cfg, objective, data.train, tokenizer.pad_token_id, resolve_model(cfg.model.name))
+        cfg.method.layers = choose_layers(scores, k)
+        log(f"layers auto:{k}: chose {cfg.method.layers} by adapter gradient norm")
+        if acc.is_main_process:
+            atomic_write_json(run_dir / "layer_choice.json", {
+                "spec": f"auto:{k}", "chosen": cfg.method.layers, "batches": cfg.method.auto_layers_batches,
+                "measure": "L2 norm of d loss / d (adapter parameters of the layer) at initialisation",
+                "scores": {str(k_): v for k_, v in scores.items()}})
     model = apply_method(model, cfg.method, resolve_model(cfg.model.name), tc.gradient_checkpointing)
+    if tc.fsdp and acc.num_processes > 1:
+        model = distributed.shard(model, acc, log)  # before the optimizer sees the parameters
 
     rows0, batches0 = epoch_rows(data.train, cfg, 0, objective)
     steps_per_epoch = max(1, len(batches0) // (tc.grad_accum * acc.num_processes))
@@ -174,17 +185,22 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
     optimizer = make_optimizer(model.parameters(), tc, total_steps, warmup)
     scheduler = make_scheduler(optimizer, tc, total_steps, warmup)
-    model, optimizer = acc.prepare(model, optimizer)
+    if distributed.is_sharded(model):
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     model.train()
     set_mode(optimizer, True)
 
     loop = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_s": 0.0, "stopper": None}
     if ckpt is not None:
-        loop = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, acc.process_index)
+        load = distributed.load_sharded if distributed.is_sharded(model) else load_checkpoint
+        loop = load(ckpt, acc.unwrap_model(model), optimizer, scheduler, acc.process_index)
         log(f"resumed from {ckpt} at step {loop['step']}")
     own = []
     if acc.is_main_process:
         own = [RunLog(run_dir, loop["step"] if ckpt is not None else None), Progress(total_steps, tc.progress)]
+        own += make_trackers(tc.report_to, run_dir, cfg.to_dict())
         if ckpt is None:
             cfg.save(run_dir / "config.yaml")
             atomic_write_json(run_dir / "data_stats.json", data.stats)
@@ -193,7 +209,9 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
                 total_steps=total_steps, params=trainable_report(model), base_params=base_params,
                 stopper=Stopper(tc, loop.get("stopper")),
                 callbacks=own + (list(callbacks) if acc.is_main_process else []),
-                timer=timer, loop=loop, resumed_s=loop["train_s"] if ckpt is not None else 0.0)
+                timer=timer, loop=loop, resumed_s=loop["train_s"] if ckpt is not None else 0.0,
+                amp=Precision(tc.mixed_precision, acc.device.type, log))
+    s.amp.load_state_dict(loop.get("amp"))
     s.rows, s.batches = epoch_rows(data.train, cfg, loop["epoch"], objective)
     objective.before_training(model, data.train, tokenizer.pad_token_id, ref_model)
     s.setup_s = timer()
@@ -224,10 +242,11 @@ def step(s: Session) -> dict:
     units = sum(s.objective.units([s.rows[i] for i in idx]) for idx in group)  # all processes
     tokens = sum(s.objective.tokens([s.rows[i] for i in idx]) for idx in group)
     sums = accumulate_grads(s.model, micro, units, s.tokenizer.pad_token_id, s.objective, loop["step"],
-                            s.ref_model, acc)
-    grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), tc.grad_clip)) if tc.grad_clip else None
+                            s.ref_model, acc, s.amp)
+    s.amp.unscale(s.optimizer)  # fp16: true gradients before clipping
+    grad_norm = distributed.clip_grads(s, tc.grad_clip)
     lr = s.scheduler.get_last_lr()[0]  # the lr this step used
-    s.optimizer.step()
+    s.amp.step(s.optimizer)  # fp16: skipped (and counted) when gradients overflowed
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     sums = _all_reduce(acc, sums)
@@ -240,12 +259,13 @@ def step(s: Session) -> dict:
     s.stopper.after_step(loop["step"], row["loss"], wall)
     s.last_logged = {"step": loop["step"], "epoch": round(loop["epoch"] + loop["batch"] / max(1, len(s.batches)), 3),
                      **row, "lr": lr, "grad_norm": grad_norm, "tokens": loop["tokens"],
-                     "tokens_per_s": loop["tokens"] / max(1e-9, elapsed), "elapsed_s": elapsed}
+                     "tokens_per_s": loop["tokens"] / max(1e-9, elapsed), "elapsed_s": elapsed,
+                     **({"skipped_steps": s.amp.skipped} if s.amp.scaler else {})}
     return s.last_logged
 
 
 def accumulate_grads(model, micro: list[list[dict]], units: float, pad_id: int, objective: Objective,
-                     step: int = 0, ref_model=None, acc=None) -> dict[str, float]:
+                     step: int = 0, ref_model=None, acc=None, amp: Precision | None = None) -> dict[str, float]:
     """Backward over this process's micro-batches; returns the sums of their `StepOut.sums`.
 
     Every micro-batch's loss is divided by `units`, the normalising units of the whole accumulated
@@ -255,12 +275,14 @@ def accumulate_grads(model, micro: list[list[dict]], units: float, pad_id: int, 
     world = acc.num_processes if acc else 1
     device = acc.device if acc else next(model.parameters()).device
     sums: dict[str, float] = {}
+    amp = amp or Precision()
     for j, rows in enumerate(micro):
         batch = {k: v.to(device) for k, v in objective.collate(rows, pad_id).items()}
         last = j == len(micro) - 1
         with acc.no_sync(model) if acc and not last else nullcontext():  # sync once per step
-            out = objective(model, batch, units / world, step, ref_model)
-            acc.backward(out.loss) if acc else out.loss.backward()
+            with amp.autocast():  # train.mixed_precision: forward and loss
+                out = objective(model, batch, units / world, step, ref_model)
+            amp.backward(out.loss, acc)
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0.0) + v
     return sums
@@ -305,9 +327,10 @@ def checkpoint(s: Session) -> None:
     from accelerate.utils import gather_object
 
     states = gather_object([rng_state()]) if s.acc.num_processes > 1 else [rng_state()]
+    model, optimizer = distributed.gathered(s)  # FSDP: full tensors from the shards (every process)
     if s.main:
-        s.loop.update(train_s=s.train_timer(), stopper=s.stopper.state())
-        path = save_checkpoint(s.run_dir, s.loop["step"], s.acc.unwrap_model(s.model), s.optimizer, s.scheduler,
+        s.loop.update(train_s=s.train_timer(), stopper=s.stopper.state(), amp=s.amp.state_dict())
+        path = save_checkpoint(s.run_dir, s.loop["step"], model, optimizer, s.scheduler,
                                s.loop, s.cfg.train.keep_checkpoints, states)
         for cb in s.callbacks:
             cb.on_checkpoint(s.loop["step"], path)
@@ -324,9 +347,10 @@ def finish(s: Session, log=print) -> dict:
         evaluate(s)
     set_mode(s.optimizer, False)
     summary = {}
+    state = distributed.full_state_dict(s) if distributed.is_sharded(s.model) else None  # every process
     if s.main:
         final = s.acc.unwrap_model(s.model)
-        final.save_pretrained(s.run_dir, safe_serialization=True)
+        final.save_pretrained(s.run_dir, safe_serialization=True, **({"state_dict": state} if state else {}))
         s.tokenizer.save_pretrained(s.run_dir)
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         tokens = s.loop["tokens"]

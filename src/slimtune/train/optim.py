@@ -16,8 +16,11 @@ def make_optimizer(params, cfg: TrainCfg, total_steps: int, warmup: int) -> torc
         raise ConfigError("nothing to train: the method left no parameter trainable")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # norms, biases, IA3 vectors: no weight decay
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    # one group per tensor type too: FSDP's sharded DTensors and its replicated plain tensors
+    # (embedding, LM head) cannot share a foreach kernel
+    groups = [{"params": [p for p in ps if type(p.data) is kind], "weight_decay": wd}
+              for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+              for kind in dict.fromkeys(type(p.data) for p in ps)]
     betas = tuple(cfg.betas)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, foreach=True)

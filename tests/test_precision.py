@@ -1,0 +1,89 @@
+"""Mixed precision: a bf16-autocast step gives fp32's loss and gradients within bf16 rounding,
+trained weights and optimizer state stay fp32, and fp16 loss scaling skips overflowing steps."""
+
+import pytest
+import torch
+from test_train import chats, lora_model, run_args, write_data
+from tiny import make_tokenizer
+
+from slimtune.config import build_config
+from slimtune.data.batching import count_trained
+from slimtune.data.render import render_chat
+from slimtune.errors import ConfigError
+from slimtune.train.loop import accumulate_grads, train
+from slimtune.train.objectives import make_objective
+from slimtune.train.precision import Precision, check_precision
+
+
+@pytest.fixture(scope="module")
+def setup_():
+    tok = make_tokenizer("chatml")
+    examples = [dict(zip(("input_ids", "labels"), render_chat(c, tok))) for c in chats(8)]
+    return tok, examples
+
+
+def step_with(amp, tok, examples, kl_lambda=0.0):
+    model = lora_model(tok)
+    objective = make_objective(build_config({}, [f"loss.kl_lambda={kl_lambda}"]))
+    sums = accumulate_grads(model, [examples[:4], examples[4:]], count_trained(examples), tok.pad_token_id,
+                            objective, amp=amp)
+    return model, sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kl_lambda", [0.0, 0.1])
+def test_bf16_autocast_step_matches_fp32(setup_, kl_lambda):
+    tok, examples = setup_
+    _, s32, g32 = step_with(None, tok, examples, kl_lambda)
+    model, s16, g16 = step_with(Precision("bf16", "cpu"), tok, examples, kl_lambda)
+    assert s16["ce"] == pytest.approx(s32["ce"], rel=1e-2)  # bf16 has 8 bits of mantissa
+    assert s16["ce"] != s32["ce"]  # autocast did run the matmuls in bf16
+    cos = [torch.nn.functional.cosine_similarity(g16[n].flatten(), g32[n].flatten(), dim=0) for n in g32]
+    assert min(cos) > 0.98
+    # the trained weights, their gradients and the optimizer state stay fp32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt.step()
+    assert all(t.dtype == torch.float32 for st in opt.state.values() for k, t in st.items() if k != "step")
+
+
+def test_fp16_scaler_skips_an_overflowing_step():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    amp = Precision("fp16", "cpu", log=lambda m: None)
+    amp.backward((p * 2).sum())
+    amp.unscale(opt)
+    torch.testing.assert_close(p.grad, torch.full((4,), 2.0))  # unscaled: the true gradient
+    assert not amp.step(opt)
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.8))
+    opt.zero_grad()
+    amp.backward((p * float("inf")).sum())
+    scale = amp.scaler.get_scale()
+    assert amp.step(opt) and amp.skipped == 1
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.8))  # the step was skipped
+    assert amp.scaler.get_scale() == scale / 2
+    fresh = Precision("fp16", "cpu")
+    fresh.load_state_dict(amp.state_dict())
+    assert fresh.scaler.get_scale() == amp.scaler.get_scale() and fresh.skipped == 1
+
+
+def test_refusals(monkeypatch):
+    with pytest.raises(ConfigError, match="float32"):
+        check_precision("bf16", "cpu", "bfloat16")
+    monkeypatch.setattr("slimtune.machine.bf16_supported", lambda d: False)
+    with pytest.raises(ConfigError, match="fp16"):
+        check_precision("bf16", "cuda", "float32")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        build_config({}, ["train.mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_loop_trains_under_autocast(tiny_dir, tmp_path, mode):
+    data = write_data(tmp_path / "d.jsonl")
+    summary = train(build_config({}, run_args(tiny_dir, data, tmp_path / "run", **{
+        "train.mixed_precision": mode, "train.max_steps": 3})), log=lambda *a: None)
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert ("skipped_steps" in summary["last_train"]) == (mode == "fp16")
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).values())
