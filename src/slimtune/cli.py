@@ -105,6 +105,19 @@ def add_data(sub):
     md.add_argument("--out", required=True)
     _source_options(md)
     md.set_defaults(func=cmd_data_markdown_slice)
+    pr = dsub.add_parser("pairs", help="preference pairs from an SFT file: its answer chosen, the model's own rejected",
+                         description="For each chat of FILE: prompt = the turns before the last assistant turn, "
+                                     "chosen = the dataset's answer, rejected = MODEL's greedy answer. Writes "
+                                     "{prompt, chosen, rejected} JSONL for loss.objective=dpo (or ipo, orpo, simpo, kto).")
+    pr.add_argument("file", help="SFT chats: JSON/JSONL, builtin:instructions, or chitchat[:N]")
+    pr.add_argument("--model", default="smollm2-135m", help="model, run folder or .gguf (default: smollm2-135m)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--format", default="auto")
+    pr.add_argument("--system-prompt")
+    pr.add_argument("--max-new-tokens", type=int, default=256)
+    pr.add_argument("--limit", type=int, help="only the first N chats")
+    pr.set_defaults(func=cmd_data_pairs)
+
 
     ng = dsub.add_parser("neg-guard", help="prompts that tempt stray chat tags and role names, with clean answers")
     ng.add_argument("--limit", type=int, help="a seeded sample of N pairs (default: all)")
@@ -209,6 +222,27 @@ def cmd_data_neg_guard(args):
     chats = neg_guard(args.limit, args.seed)
     write_chats(chats, args.out)
     print(f"wrote {len(chats)} chats to {args.out}")
+
+
+def cmd_data_pairs(args):
+    from .data.preference import pairs_from_sft
+    from .generate import generate
+    from .runfolder import load_run
+    from .utils import atomic_write_text
+
+    chats = _read_any(args.file, args.format, args.system_prompt)[: args.limit]
+    model, tok, _ = load_run(args.model)
+
+    def answer(prompt):
+        return generate(model, tok, prompt, args.max_new_tokens)["text"]
+
+    def progress(i, n):
+        print(f"\ranswering {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
+
+    rows, same = pairs_from_sft(chats, answer, progress)
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} pairs to {args.out}" + (f" ({same} skipped: the model gave the dataset's answer)"
+                                                      if same else ""))
 
 
 # ---------------------------------------------------------------- eval, compare, chat, merge, report

@@ -151,7 +151,9 @@ class MethodCfg:
 @dataclass
 class LossCfg:
     objective: str = "sft"
-    """What training minimises (train/objectives.py): sft (with kl_lambda > 0: KL-anchored SFT)."""
+    """What training minimises (train/objectives.py): sft (with kl_lambda > 0: KL-anchored SFT), or
+    a preference objective: dpo, ipo, orpo, simpo ({prompt, chosen, rejected} rows) or kto
+    ({prompt, completion, label} rows, or pairs)."""
     kl_lambda: float = 0.0
     """Weight of KL to the base model; 0 is plain SFT."""
     kl_warmup_steps: int = 0
@@ -168,10 +170,35 @@ class LossCfg:
     """kl_positions=last_n: how many positions at the end of each example."""
     chunk_size: int = 1024
     """Tokens per chunk of the output projection: peak logits memory = chunk x vocab."""
+    # --- preference objectives (train/preference.py, losses_pref.py)
+    beta: float = 0.1
+    """dpo / ipo / kto: how far from the base the tuned model may move (higher: stay closer;
+    ipo: its tau, the target log-ratio margin is 1 / (2 beta) per token)."""
+    label_smoothing: float = 0.0
+    """dpo / simpo: the assumed share of flipped labels eps in [0, 0.5) (conservative DPO)."""
+    simpo_beta: float = 2.0
+    """simpo: scale of the length-normalised reward (the paper uses 2.0-2.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma between chosen and rejected."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term next to the NLL of the chosen answer."""
+    kto_desirable_weight: float = 1.0
+    """kto: weight of desirable (label true) rows; raise it when they are the minority."""
+    kto_undesirable_weight: float = 1.0
+    """kto: weight of undesirable (label false) rows."""
+    precompute_reference: bool = False
+    """dpo / ipo / kto: compute the base's log-probs of every training row once, before training,
+    instead of a base forward per step (saves ~1/4 of a step's compute from the second epoch on)."""
 
     def __post_init__(self):
         from .train.objectives import OBJECTIVES
         _choice("loss.objective", self.objective, tuple(OBJECTIVES))
+        if self.beta <= 0 or self.simpo_beta <= 0:
+            raise ConfigError("loss.beta and loss.simpo_beta must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
+            raise ConfigError("loss.kto_desirable_weight and loss.kto_undesirable_weight must be > 0")
         _choice("loss.kl_direction", self.kl_direction, KL_DIRECTIONS)
         _choice("loss.kl_positions", self.kl_positions, KL_POSITIONS)
         if self.kl_lambda < 0 or self.kl_temperature <= 0:

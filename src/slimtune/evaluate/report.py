@@ -22,6 +22,14 @@ PLOTS = {  # file stem: (title, y label, [(log field, legend, marker)])
               ("eval_loss", "held-out loss", "o")]),
     "kl": ("KL to base", "KL(base || tuned) per token",
            [("eval_kl", "held-out", "o"), ("general_kl", "general prompts", "s"), ("kl", "training batches", "")]),
+    # preference objectives (train/preference.py): drawn only when the log has these fields
+    "rewards": ("Preference rewards", "implicit reward (beta x log-ratio)",
+                [("rewards_chosen", "chosen", ""), ("rewards_rejected", "rejected", ""), ("margin", "margin", ""),
+                 ("eval_margin", "held-out margin", "o")]),
+    "preference": ("Preference accuracy", "share of pairs",
+                   [("accuracy", "reward accuracy (training batches)", ""),
+                    ("eval_accuracy", "reward accuracy (held-out)", "o"),
+                    ("eval_pref_accuracy", "own log-probs prefer chosen (held-out)", "s")]),
     "lr": ("Learning rate", "lr", [("lr", "learning rate", "")]),
     "throughput": ("Throughput", "trained tokens / s", [("tokens_per_s", "tokens/s (running mean)", "")]),
 }

@@ -41,6 +41,48 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     return prepared.val, general, source
 
 
+PREF_KEYS = ("loss", "pref_accuracy", "pref_margin", "accuracy", "margin")
+
+
+def preference_heldout(model, tok, cfg, ref, data: str | None, n_max: int | None, log) -> tuple[dict, list[dict]]:
+    """A preference run's held-out pairs, base vs tuned: the objective's loss, the model's own
+    preference accuracy and margin (mean per-token log-prob, chosen vs rejected), reward accuracy
+    and margin; KL to base. Returns (heldout section, general-prompt examples)."""
+    from ..data.formats import load_chats
+    from ..data.preference import load_preferences
+    from ..data.tools import render_all
+    from ..runfolder import as_base
+    from ..train.objectives import make_objective
+    from ..train.preference import row_kind
+
+    obj = make_objective(cfg)
+    if data:
+        rows, source = load_preferences(data, tok, row_kind(obj.name), cfg.data.max_length, cfg.data.system_prompt)[0], data
+    else:
+        try:
+            rows = obj.prepare_data(tok, cfg.train.seed).val
+        except SlimtuneError as e:
+            raise SlimtuneError(f"cannot rebuild the run's held-out pairs (data.train={cfg.data.train}): {e}. "
+                                "Pass the held-out file with --data FILE") from None
+        source = cfg.data.val or f"{cfg.data.train} (held-out split, val_fraction={cfg.data.val_fraction})"
+    general = []
+    if cfg.data.general_prompts:
+        general, _ = render_all(load_chats(cfg.data.general_prompts), tok, source=cfg.data.general_prompts,
+                                train_on=cfg.data.train_on, max_length=cfg.data.max_length)
+    rows = rows[:n_max] if n_max else rows
+    heldout = {"data": source, "examples": len(rows), "objective": obj.name}
+    if not rows:
+        return heldout, general
+    log(f"held-out preference metrics on {len(rows)} rows ...")
+    bs = cfg.eval.batch_size
+    tuned = obj.evaluate(model, rows, tok.pad_token_id, bs, ref_model=ref)
+    with as_base(model, ref) as base:
+        base_m = obj.evaluate(base, rows, tok.pad_token_id, bs, ref_model=ref, kl=False)
+    pick = (lambda ev: {k: ev.get(f"eval_{k}") for k in PREF_KEYS})
+    heldout.update(base=pick(base_m), tuned=pick(tuned), kl_to_base=tuned.get("eval_kl"))
+    return heldout, general
+
+
 def answer_all(model, tokenizer, chats: list, max_new_tokens: int, label: str = "") -> list[dict]:
     """Greedy answers to each chat (see generate.generate); a counter on stderr when `label`."""
     from ..generate import generate
@@ -75,8 +117,14 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     ref = base_reference(model, cfg, dtype)
     pad = tok.pad_token_id
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
-    examples, general, source = heldout_examples(cfg, tok, data)
-    heldout = {"data": source, "examples": len(examples[:n_max] if n_max else examples)}
+    from ..train.preference import is_preference
+
+    if is_preference(cfg.loss.objective):
+        heldout, general = preference_heldout(model, tok, cfg, ref, data, n_max, log)
+        examples = []
+    else:
+        examples, general, source = heldout_examples(cfg, tok, data)
+        heldout = {"data": source, "examples": len(examples[:n_max] if n_max else examples)}
     if examples:
         log(f"held-out loss on {heldout['examples']} examples ...")
         tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)
@@ -84,7 +132,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
             base_m = heldout_metrics(base, examples, pad, cfg.loss, bs, n_max, kl=False)
         heldout.update(tokens=tuned["tokens"], base={"loss": base_m["loss"], "ppl": base_m["ppl"]},
                        tuned={"loss": tuned["loss"], "ppl": tuned["ppl"]}, kl_to_base=tuned["kl"])
-    else:
+    elif "base" not in heldout:
         log("no held-out examples: skipping held-out loss")
     if general:
         heldout["general_kl"] = heldout_metrics(model, general, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)["kl"]
@@ -115,6 +163,10 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
 ROWS = [  # (label, section, key, format)
     ("held-out loss", "heldout", "loss", "{:.4f}"),
     ("held-out perplexity", "heldout", "ppl", "{:.2f}"),
+    ("preference accuracy (own log-probs)", "heldout", "pref_accuracy", "{:.0%}"),
+    ("preference margin (nats/token)", "heldout", "pref_margin", "{:+.3f}"),
+    ("reward accuracy (vs base)", "heldout", "accuracy", "{:.0%}"),
+    ("reward margin", "heldout", "margin", "{:+.4f}"),
     ("KL to base, held-out", "heldout", "kl_to_base", "{:.4g}"),
     ("KL to base, general prompts", "heldout", "general_kl", "{:.4g}"),
     ("answers with lists", "style", "list_share", "{:.0%}"),
@@ -141,6 +193,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
                 vals = (h.get("base", {}).get(key), h.get("tuned", {}).get(key))
         else:
             vals = (g["base"].get(key), g["tuned"].get(key))
+        if key in PREF_KEYS[1:] and all(v is None for v in vals):
+            continue  # preference rows only for preference runs
         rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
     return rows
 

@@ -28,7 +28,7 @@ import torch
 
 from ..config import Config
 from ..data.batching import collate, length_grouped_batches, pack, split_by_tokens
-from ..data.prepare import Prepared, prepare
+from ..data.prepare import Prepared
 from ..errors import ConfigError
 from ..evaluate.heldout import heldout_metrics
 from ..methods import apply_method, method_of, trainable_report
@@ -154,7 +154,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation, quantize_4bit=method.four_bit,
                        device=str(acc.device))
-    data = prepare(cfg.data, tokenizer, tc.seed, log=log)
+    data = objective.prepare_data(tokenizer, tc.seed, log=log)
     if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
         cfg.data.packing = data.stats.get("format") == "text"
     # The loss rebuilds logits from hidden states: check it against the model's own head once.
@@ -215,6 +215,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
                 amp=Precision(tc.mixed_precision, acc.device.type, log))
     s.amp.load_state_dict(loop.get("amp"))
     s.rows, s.batches = epoch_rows(data.train, cfg, loop["epoch"], objective)
+    objective.before_training(model, data.train, tokenizer.pad_token_id, ref_model)
     s.setup_s = timer()
     if s.main:
         log(f"model {cfg.model.name}: {base_params:,} parameters; method {cfg.method.name}: "
@@ -386,6 +387,9 @@ def format_summary(s: dict) -> str:
         f"steps          {s['steps']} ({s['stopped']})",
         f"held-out loss  {f(b['eval_loss'])} -> {f(a['eval_loss'])}   (ppl {f(b['eval_ppl'], 2)} -> {f(a['eval_ppl'], 2)})",
         f"KL to base     held-out {f(a['eval_kl'])}   general prompts {f(a['general_kl'])}",
+        *([f"preference     held-out accuracy {f(b['eval_pref_accuracy'], 3)} -> {f(a['eval_pref_accuracy'], 3)}   "
+           f"margin {f(b.get('eval_pref_margin'))} -> {f(a.get('eval_pref_margin'))}   "
+           f"reward accuracy {f(a.get('eval_accuracy'), 3)}"] if "eval_pref_accuracy" in a else []),
         f"trainable      {p['trainable']:,} of {p['total']:,} parameters ({p['percent']:.3f}%)",
         f"speed          {t['trained_tokens_per_s']:,.0f} trained tokens/s, {t['train_s']:.0f} s training, "
         f"{t['total_s']:.0f} s total, peak RSS {t['peak_rss_mb']:,.0f} MiB",

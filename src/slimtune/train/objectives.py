@@ -50,6 +50,15 @@ class Objective:
         """Tokens the row costs in one forward pass (length grouping, the token budget)."""
         return row_length(row)
 
+    def prepare_data(self, tokenizer, seed: int = 0, log=None):
+        """cfg.data -> Prepared rows of this objective's kind (SFT: rendered chats)."""
+        from ..data.prepare import prepare
+
+        return prepare(self.cfg.data, tokenizer, seed, log=log)
+
+    def before_training(self, model, rows: list[dict], pad_id: int, ref_model=None) -> None:
+        """Called once after set-up, before the first evaluation (e.g. precompute the reference)."""
+
     def units(self, rows: list[dict]) -> float:
         raise NotImplementedError
 
@@ -129,7 +138,10 @@ class KLSFT(SFT):
         return {**super().summarize(sums, units, step), "kl": sums["kl"] / n, "kl_lambda": self.kl_weight(step)}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "kl_sft": KLSFT}
+from .preference import DPO, IPO, KTO, ORPO, SimPO  # noqa: E402  (they subclass Objective)
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "kl_sft": KLSFT, "dpo": DPO, "ipo": IPO, "orpo": ORPO,
+                                          "simpo": SimPO, "kto": KTO}
 
 
 def make_objective(cfg) -> Objective:
