@@ -109,10 +109,10 @@ def add_data(sub):
                          description="For each chat of FILE: prompt = the turns before the last assistant turn, "
                                      "chosen = the dataset's answer, rejected = MODEL's greedy answer. Writes "
                                      "{prompt, chosen, rejected} JSONL for loss.objective=dpo (or ipo, orpo, simpo, kto).")
-    pr.add_argument("file", help="SFT chats: JSON/JSONL, builtin:instructions, or chitchat[:N]")
+    pr.add_argument("file", help=SOURCES)
     pr.add_argument("--model", default="smollm2-135m", help="model, run folder or .gguf (default: smollm2-135m)")
     pr.add_argument("--out", required=True)
-    pr.add_argument("--format", default="auto")
+    _source_options(pr)
     pr.add_argument("--system-prompt")
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("--limit", type=int, help="only the first N chats")
@@ -230,7 +230,7 @@ def cmd_data_pairs(args):
     from .runfolder import load_run
     from .utils import atomic_write_text
 
-    chats = _read_any(args.file, args.format, args.system_prompt)[: args.limit]
+    chats = _read_any(args)[: args.limit]
     model, tok, _ = load_run(args.model)
 
     def answer(prompt):
