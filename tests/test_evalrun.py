@@ -6,6 +6,7 @@ import pytest
 from test_run import make_run
 
 from slimtune.config import build_config
+from slimtune.errors import SlimtuneError
 from slimtune.evaluate.suite import evaluate_run, format_table
 from slimtune.evaluate.style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
 from slimtune.train.loop import train
@@ -144,3 +145,38 @@ def test_style_metrics():
     assert not has_code_block("```never closed") and banned_hits("I CANNOT", ["I cannot"]) == {"I cannot": 1}
     assert stray_tags("assistant\nHello") == ["assistant"] and stray_tags("The user: asked") == []
     assert style_metrics([]) == {"answers": 0}
+
+
+def test_eval_with_a_judge(trained_run, tmp_path):
+    """--judge: every prompt judged in both orders by a local fake server that always says "B"."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class AlwaysB(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            out = json.dumps({"choices": [{"message": {"content": "B"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), AlwaysB)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        res = evaluate_run(trained_run, max_prompts=2, out=str(tmp_path / "j.json"), log=lambda m: None, ifeval="",
+                           judge=f"http://127.0.0.1:{srv.server_port}", judge_model="fake")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(seen) == 4 and res["judge"]["samples"] == 2 and res["judge"]["tuned_win_rate"] == 0.5
+    assert "judge prefers" in format_table(res)
+    rows = [json.loads(x) for x in open(tmp_path / "j_samples.jsonl")]
+    assert [r["judge"] for r in rows] == [{"base_first": "B", "tuned_first": "B", "tuned_score": 0.5}] * 2
+    with pytest.raises(SlimtuneError, match="--judge-model"):
+        evaluate_run(trained_run, judge="http://127.0.0.1:9", log=lambda m: None)

@@ -74,6 +74,8 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     if run_kind(run) is None:
         raise SlimtuneError(f"{run} is not a run folder (config.yaml + adapter or model): slimtune eval compares "
                             "a tuned run with its base; to try a plain model use slimtune chat")
+    if judge and not judge_model:
+        raise SlimtuneError("--judge needs --judge-model NAME (the model the endpoint should use)")
     pair = BaseVsTuned(run, dtype)
     model, tok, cfg = pair.model, pair.tok, pair.cfg
     ref = pair.ref
