@@ -26,7 +26,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--out", default="bench/results/eval_speed.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--sides", default="tuned,base")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from slimtune.evaluate.base_vs_tuned import BaseVsTuned
     from slimtune.fastgen import generate_many, merged, settings_from
@@ -42,7 +48,7 @@ def main(argv=None):
     bs = args.batch_size or cfg.eval.gen_batch_size
     rows = []
     for r in range(args.rounds):
-        for side in ("tuned", "base"):
+        for side in args.sides.split(","):
             ctx = pair.base() if side == "base" else merged(pair.model)
             t = time.perf_counter()
             if side == "base":
@@ -66,7 +72,8 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": args.run, "load_s": round(load_s, 1), "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"run": args.run, "load_s": round(load_s, 1), "threads": args.threads, "rows": rows},
+                              indent=2) + "\n")
 
 
 if __name__ == "__main__":
