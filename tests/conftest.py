@@ -34,3 +34,10 @@ def tokenizer():
 def tiny_dir(tmp_path_factory):
     """A saved tiny Llama + ChatML tokenizer folder, loadable by path."""
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", "chatml")
+
+
+@pytest.fixture
+def gen_cache(monkeypatch, tmp_path):
+    """A fresh, empty slimtune cache (base answers of evaluate/base_vs_tuned.py land here)."""
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

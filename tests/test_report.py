@@ -19,18 +19,32 @@ def run(tmp_path_factory):
     return tiny_train(tmp, save_tiny(tmp / "base"))
 
 
-def test_report_is_self_contained(run):
-    path = make_report(run, samples=1, max_new_tokens=2, log=lambda m: None)
+def test_report_is_self_contained(run, gen_cache):
+    import html
+
+    from slimtune.generate import generate, load_prompts
+    from slimtune.methods import adapters_disabled
+    from slimtune.runfolder import load_run
+
+    path = make_report(run, samples=1, max_new_tokens=8, log=lambda m: None)
     page = path.read_text()
+    model, tok, _ = load_run(run)  # the sample the report must show: the same prompt answered one at a time
+    chat = load_prompts("builtin:eval_prompts", 1)[0]
+    tuned = generate(model, tok, chat, 8)["text"]
+    with adapters_disabled(model):
+        base = generate(model, tok, chat, 8)["text"]
+    assert tuned != base
+    assert f"<h4>base</h4><pre>{html.escape(base)}</pre>" in page  # generated answers, escaped
+    assert f"<h4>tuned</h4><pre>{html.escape(tuned)}</pre>" in page
     for stem in ("loss", "kl", "lr", "throughput"):
         assert (path.parent / "plots" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
     assert page.count("src='data:image/png;base64,") == 4
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing loaded from elsewhere
-    assert "Hi! How&#x27;s your day going?" in page  # a generated sample, escaped
+    assert "Hi! How&#x27;s your day going?" in page  # the prompt, escaped
     assert "held-out loss" in page and "config.yaml" in page and "method:" in page
 
 
-def test_compare_then_report_uses_its_samples(run, tmp_path):
+def test_compare_then_report_uses_its_samples(run, tmp_path, gen_cache):
     res = compare_runs([run, run], max_prompts=1, max_new_tokens=3, log=lambda m: None)
     base, a, b = res["columns"]
     assert base.startswith("base") and a.endswith("#1") and b.endswith("#2")  # the same run twice

@@ -246,6 +246,23 @@ def cmd_data_pairs(args):
 
 
 # ---------------------------------------------------------------- eval, compare, chat, merge, report
+KNOBS = ("top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def add_knobs(p):
+    """--top-p, --top-k, --repetition-penalty, --no-repeat-ngram-size; defaults: the run's eval.* (config.py)."""
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass when sampling (default: the run's eval.top_p)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 = off (default: eval.top_k)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="> 1 penalises tokens already seen; 1 = off (default: eval.repetition_penalty)")
+    p.add_argument("--no-repeat-ngram-size", type=int,
+                   help="forbid repeating any token n-gram of this size; 0 = off (default: eval.no_repeat_ngram_size)")
+
+
+def knobs(args) -> dict:
+    return {k: getattr(args, k) for k in KNOBS}
+
+
 def add_eval(sub):
     p = sub.add_parser("eval", help="held-out loss/ppl and KL for base vs tuned, and style of generated answers",
                        description="Evaluate RUN against its base: held-out loss and perplexity, KL to base, and "
@@ -258,6 +275,14 @@ def add_eval(sub):
     p.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     p.add_argument("--max-examples", type=int, help="held-out examples (default: the run's eval.max_examples)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ifeval", help="IFEval-style prompts with checkable instructions (default: the run's "
+                                    "eval.ifeval, builtin:ifeval_prompts); '' skips them")
+    p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server that judges base vs tuned answers "
+                                                  "(both orders); off by default")
+    p.add_argument("--judge-model", metavar="NAME", help="model name to send to the judge")
+    p.add_argument("--no-cache", action="store_true", help="generate the base's answers again instead of "
+                                                          "reading them from the cache")
+    add_knobs(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -265,7 +290,9 @@ def cmd_eval(args):
     from .evaluate.suite import evaluate_run, format_table
 
     res = evaluate_run(args.run, data=args.data, prompts=args.prompts, out=args.out, max_prompts=args.max_prompts,
-                       max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype)
+                       max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype,
+                       ifeval=args.ifeval, judge=args.judge, judge_model=args.judge_model,
+                       use_cache=not args.no_cache, **knobs(args))
     print(format_table(res))
 
 
@@ -281,6 +308,8 @@ def add_compare(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="Markdown file (default: FIRST_RUN/compare.md; a .json is written beside it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-cache", action="store_true", help="generate the base's answers again")
+    add_knobs(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -289,7 +318,7 @@ def cmd_compare(args):
 
     res = compare_runs(args.runs, prompts=args.prompts, max_prompts=args.max_prompts or None,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                       out=args.out, dtype=args.dtype)
+                       out=args.out, dtype=args.dtype, use_cache=not args.no_cache, **knobs(args))
     print(to_terminal(res))
 
 
@@ -304,25 +333,32 @@ def add_chat(sub):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_knobs(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args):
+    from .data.formats import with_system
+    from .fastgen import merged, settings_from
     from .generate import Streamer, chat_loop, generate
     from .runfolder import load_run
 
     model, tok, cfg = load_run(args.target, args.dtype)
     system = args.system if args.system is not None else cfg.data.system_prompt
+    s = settings_from(cfg.eval, **knobs(args))
+    kw = {k: getattr(s, k) for k in KNOBS}
     if args.prompt is None:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        chat_loop(model, tok, system, args.max_new_tokens, args.temperature, args.seed)
+        with merged(model):  # the adapter folded into the weights while chatting
+            chat_loop(model, tok, system, args.max_new_tokens, args.temperature, args.seed, **kw)
         return
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": args.prompt}]
-    res = generate(model, tok, messages, args.max_new_tokens, args.temperature, seed=args.seed,
-                   streamer=Streamer(tok, sys.stdout))
+    messages = with_system([{"role": "user", "content": args.prompt}], system)
+    with merged(model):
+        res = generate(model, tok, messages, args.max_new_tokens, args.temperature, seed=args.seed,
+                       streamer=Streamer(tok, sys.stdout), **kw)
     if not res["ended"]:
         print(f"[stopped at {args.max_new_tokens} tokens]", file=sys.stderr)
 

@@ -311,6 +311,18 @@ class EvalCfg:
     banned_phrases: list[str] = field(default_factory=lambda: [
         "As an AI", "as an AI language model", "I cannot", "I'm sorry"])
     """Phrases counted in generated answers (style metrics)."""
+    top_p: float = 1.0
+    """Generation (eval, compare, chat): nucleus sampling mass when sampling; 1 = off."""
+    top_k: int = 0
+    """Generation: sample among the k most likely tokens; 0 = off."""
+    repetition_penalty: float = 1.0
+    """Generation: > 1 makes tokens already in the prompt or answer less likely; 1 = off."""
+    no_repeat_ngram_size: int = 0
+    """Generation: forbid any token n-gram of this size from appearing twice; 0 = off."""
+    gen_batch_size: int = 16
+    """Prompts answered together (left-padded, KV-cached, finished rows leave the batch)."""
+    ifeval: str | None = "builtin:ifeval_prompts"
+    """Prompts with checkable instructions (IFEval-style) answered by `slimtune eval`. Empty: skip."""
 
 
 @dataclass

@@ -61,7 +61,17 @@ TURN_LISTS = {
     "messages": ("messages", "role", "content", {r: r for r in ROLES + ("tool",)}, ", ".join(ROLES + ("tool",))),
     "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES, "human, gpt, system"),
 }
-BUILTIN = {"instructions", "general_prompts", "eval_prompts", "preferences"}
+BUILTIN = {"instructions", "general_prompts", "eval_prompts", "ifeval_prompts", "preferences"}
+
+
+def with_system(messages: Messages, system_prompt: str | None) -> Messages:
+    """`messages` with a system turn `system_prompt` first, unless it is empty or the chat has one.
+
+    The one place data.system_prompt is applied: training data, eval prompts and chat all use it.
+    """
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
 
 
 def builtin_path(name: str) -> Path:
@@ -145,8 +155,7 @@ def row_to_messages(row: dict, fmt: str, path: str, line: int, system_prompt: st
         raise DataError(f"unknown format {fmt!r}", path=path, line=line)
 
     _validate(msgs, path, line, field_of)
-    if system_prompt and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    msgs = with_system(msgs, system_prompt)
     return Chat(msgs, _tools(row, path, line)) if fmt == "messages" else msgs
 
 
@@ -252,7 +261,7 @@ def chitchat_to_messages(conversation: dict, system_prompt: str | None = None) -
         msgs.pop()
     if not any(m["role"] == "assistant" for m in msgs):
         return None
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + msgs
+    return with_system(msgs, system_prompt)
 
 
 def load_chitchat(limit: int | None = None, system_prompt: str | None = None) -> list[Messages]:

@@ -1,8 +1,10 @@
 """`slimtune compare RUN [RUN ...]`: the base and each tuned model answer the same prompts.
 
-Every prompt is answered greedily and with seeded sampling (same seed per prompt for every
-model, so differences come from the models), shown side by side in the terminal and written to
-a Markdown file (plus the same content as JSON, which `slimtune report` shows).
+Every prompt is answered greedily and with seeded sampling (prompt i samples with seed + i for
+every model, so differences come from the models), all prompts of a model in batches
+(fastgen), shown side by side in the terminal and written to a Markdown file (plus the same
+content as JSON, which `slimtune report` shows). The base's answers come from the cache that
+`slimtune eval` fills (evaluate/base_vs_tuned.py) when the settings match.
 """
 
 from __future__ import annotations
@@ -21,41 +23,50 @@ MODES = ("greedy", "sampled")
 
 def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int | None = 8,
                  max_new_tokens: int | None = None, temperature: float = 0.7, seed: int = 0,
-                 out: str | None = None, dtype: str = "float32", log=None) -> dict:
+                 out: str | None = None, dtype: str = "float32", log=None, use_cache: bool = True,
+                 **knobs) -> dict:
     """Answers of the base (of the first run folder) and of each run; returns and writes them.
 
     Result: {prompts, temperature, seed, max_new_tokens, columns: [label, ...],
     rows: [{prompt, greedy: {label: text}, sampled: {label: text}}]}. Writes `out`
-    (default RUN/compare.md of the first run) and the same stem with .json.
+    (default RUN/compare.md of the first run) and the same stem with .json. knobs: top_p, top_k,
+    repetition_penalty, no_repeat_ngram_size (None: the first run's eval settings).
     """
-    from .suite import PROMPTS
+    from ..fastgen import settings_from
     from ..generate import last_user, load_prompts
-    from ..runfolder import as_base, base_reference, load_run, run_kind
+    from .base_vs_tuned import BaseVsTuned
+    from .suite import PROMPTS
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     prompts = prompts or PROMPTS
-    columns, answers, chats, base_name = [], {}, None, None
+    columns, answers, chats, base_name, modes = [], {}, None, None, None
     for run, label in zip(runs, _labels(runs)):
-        model, tok, cfg = load_run(run, dtype)
+        pair = BaseVsTuned(run, dtype)
+        cfg = pair.cfg
         if chats is None:
             chats = load_prompts(prompts, max_prompts, cfg.data.system_prompt)
-            max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
-        if run_kind(run) is not None and base_name is None:
+            greedy = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+                                   seed=seed, **knobs)
+            modes = {"greedy": greedy, "sampled": settings_from(cfg.eval, **{**greedy.to_dict(),
+                                                                              "temperature": temperature})}
+        if pair.is_run and base_name is None:
             base_name, col = cfg.model.name, f"base ({Path(cfg.model.name).name})"
             log(f"answering {len(chats)} prompts: {col}")
-            with as_base(model, base_reference(model, cfg, dtype)) as base:
-                answers[col] = _answer(base, tok, chats, max_new_tokens, temperature, seed)
+            gb = cfg.eval.gen_batch_size
+            answers[col] = {m: [a["text"] for a in pair.answer_base(chats, s, gb, use_cache)] for m, s in modes.items()}
             columns.append(col)
-        elif run_kind(run) is not None and cfg.model.name != base_name:
+        elif pair.is_run and cfg.model.name != base_name:
             log(f"note: {run} is tuned from {cfg.model.name}; the base column is {base_name}")
         log(f"answering {len(chats)} prompts: {label}")
-        answers[label] = _answer(model, tok, chats, max_new_tokens, temperature, seed)
+        answers[label] = {m: [a["text"] for a in pair.answer_tuned(chats, s, cfg.eval.gen_batch_size)]
+                          for m, s in modes.items()}
         columns.append(label)
-        del model
+        del pair
         gc.collect()
     result = {"runs": list(runs), "prompts": prompts, "temperature": temperature, "seed": seed,
-              "max_new_tokens": max_new_tokens, "columns": columns,
-              "rows": [{"prompt": last_user(c), **{mode: {col: answers[col][i][mode] for col in columns}
+              "max_new_tokens": modes["greedy"].max_new_tokens, "settings": modes["sampled"].to_dict(),
+              "columns": columns,
+              "rows": [{"prompt": last_user(c), **{mode: {col: answers[col][mode][i] for col in columns}
                                                    for mode in MODES}}
                        for i, c in enumerate(chats)]}
     path = Path(out) if out else Path(runs[0]) / "compare.md"
@@ -63,14 +74,6 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
     atomic_write_json(path.with_suffix(".json"), result)
     log(f"wrote {path} and {path.with_suffix('.json')}")
     return result
-
-
-def _answer(model, tokenizer, chats, max_new_tokens, temperature, seed) -> list[dict]:
-    """[{greedy: text, sampled: text}] per chat; prompt i samples with seed + i."""
-    from ..generate import generate
-
-    return [{mode: generate(model, tokenizer, c, max_new_tokens, temperature if mode == "sampled" else 0.0,
-                            seed=seed + i)["text"] for mode in MODES} for i, c in enumerate(chats)]
 
 
 def _labels(runs: list[str]) -> list[str]:

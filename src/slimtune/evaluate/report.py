@@ -92,17 +92,18 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
         return json.loads(eval_json.read_text()).get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
-    from .suite import PROMPTS, answer_all
+    from ..fastgen import settings_from
     from ..generate import last_user, load_prompts
-    from ..runfolder import as_base, base_reference, load_run
+    from .base_vs_tuned import BaseVsTuned
+    from .suite import PROMPTS
 
     log(f"generating {n} base-vs-tuned samples (run slimtune compare for more) ...")
-    model, tok, cfg = load_run(run)
+    pair = BaseVsTuned(str(run))
+    cfg = pair.cfg
     chats = load_prompts(PROMPTS, n, cfg.data.system_prompt)
-    new = max_new_tokens or cfg.eval.max_new_tokens
-    tuned = answer_all(model, tok, chats, new)
-    with as_base(model, base_reference(model, cfg)) as base:
-        based = answer_all(base, tok, chats, new)
+    settings = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens)
+    based = pair.answer_base(chats, settings, cfg.eval.gen_batch_size)
+    tuned = pair.answer_tuned(chats, settings, cfg.eval.gen_batch_size)
     return ([{"prompt": last_user(c), "base": b["text"], "tuned": t["text"]} for c, b, t in zip(chats, based, tuned)],
             "generated for this report (greedy)")
 

@@ -1,20 +1,28 @@
-"""`slimtune eval RUN`: held-out loss/ppl for base and tuned, KL to base, and style of answers.
+"""`slimtune eval RUN`: held-out loss/ppl for base and tuned, KL to base, and what the answers do.
 
     held-out examples --heldout_metrics--> loss, ppl (base: adapters off), KL(base || tuned)
-    prompts --render_prompt--> generate (greedy) --style_metrics--> lists, headings, banned, tags ...
+    prompts + IFEval prompts --fastgen (batched; base answers cached)--> answers
+        --style / repetition--> lists, headings, banned, tags, loops, distinct-n ...
+        --ifeval--> instruction-following pass rates
+        --judge (optional)--> which answer an LLM judge prefers
 
 The held-out set is --data FILE, else the run's own split rebuilt from its config (same seed, so
-the same examples training held out). Result: RUN/eval.json (or --out) and a table on stdout.
+the same examples training held out). Result: RUN/eval.json (or --out), per-sample rows in
+RUN/eval_samples.jsonl, and a table on stdout.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
+from ..data.formats import with_system
 from ..errors import SlimtuneError
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, atomic_write_text
+from .repetition import repetition_metrics, sample_repetition
+from .style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
 
 PROMPTS = "builtin:eval_prompts"
 
@@ -83,38 +91,36 @@ def preference_heldout(model, tok, cfg, ref, data: str | None, n_max: int | None
     return heldout, general
 
 
-def answer_all(model, tokenizer, chats: list, max_new_tokens: int, label: str = "") -> list[dict]:
-    """Greedy answers to each chat (see generate.generate); a counter on stderr when `label`."""
-    from ..generate import generate
-
-    out = []
-    for i, chat in enumerate(chats):
-        out.append(generate(model, tokenizer, chat, max_new_tokens))
-        if label:
-            print(f"\r{label} {i + 1}/{len(chats)}", end="\n" if i + 1 == len(chats) else "",
-                  file=sys.stderr, flush=True)
-    return out
-
-
 def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, out: str | None = None,
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
-                 max_examples: int | None = None, dtype: str = "float32", log=None) -> dict:
-    """Evaluate a run folder against its base; writes the result JSON and returns it (see module doc).
+                 max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
+                 judge: str | None = None, judge_model: str | None = None, use_cache: bool = True,
+                 **knobs) -> dict:
+    """Evaluate a run folder against its base; writes the result JSON and RUN/eval_samples.jsonl
+    (beside `out`) and returns the result (see module doc).
 
-    Progress goes to `log` (default: stderr); `format_table(result)` is the readable table.
+    ifeval: IFEval-style prompts (default: the run's eval.ifeval; "" skips them). judge: an
+    OpenAI-compatible URL that picks the better of base / tuned per prompt (off by default).
+    knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
+    eval settings). Progress goes to `log` (default: stderr); `format_table(result)` is the table.
     """
-    from .heldout import heldout_metrics
+    from ..fastgen import settings_from
     from ..generate import last_user, load_prompts
-    from ..runfolder import as_base, base_reference, load_run, run_kind
-    from .style import style_metrics
+    from ..runfolder import run_kind
+    from .base_vs_tuned import BaseVsTuned
+    from .heldout import heldout_metrics
+    from .ifeval import ifeval_metrics, load_ifeval
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     if run_kind(run) is None:
         raise SlimtuneError(f"{run} is not a run folder (config.yaml + adapter or model): slimtune eval compares "
                             "a tuned run with its base; to try a plain model use slimtune chat")
-    model, tok, cfg = load_run(run, dtype)
-    ref = base_reference(model, cfg, dtype)
+    if judge and not judge_model:
+        raise SlimtuneError("--judge needs --judge-model NAME (the model the endpoint should use)")
+    pair = BaseVsTuned(run, dtype)
+    model, tok, cfg = pair.model, pair.tok, pair.cfg
+    ref = pair.ref
     pad = tok.pad_token_id
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
     from ..train.preference import is_preference
@@ -128,7 +134,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     if examples:
         log(f"held-out loss on {heldout['examples']} examples ...")
         tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)
-        with as_base(model, ref) as base:
+        with pair.base() as base:
             base_m = heldout_metrics(base, examples, pad, cfg.loss, bs, n_max, kl=False)
         heldout.update(tokens=tuned["tokens"], base={"loss": base_m["loss"], "ppl": base_m["ppl"]},
                        tuned={"loss": tuned["loss"], "ppl": tuned["ppl"]}, kl_to_base=tuned["kl"])
@@ -136,28 +142,91 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
         log("no held-out examples: skipping held-out loss")
     if general:
         heldout["general_kl"] = heldout_metrics(model, general, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)["kl"]
+    t_heldout = time.perf_counter() - t0
 
     prompts = prompts or PROMPTS
     chats = load_prompts(prompts, max_prompts, cfg.data.system_prompt)
-    n_new = max_new_tokens or cfg.eval.max_new_tokens
-    tuned_answers = answer_all(model, tok, chats, n_new, "answering (tuned)")
-    with as_base(model, ref) as base:
-        base_answers = answer_all(base, tok, chats, n_new, "answering (base) ")
+    ifeval = cfg.eval.ifeval if ifeval is None else ifeval
+    if_rows = load_ifeval(ifeval) if ifeval else []
+    if_chats = [with_system([{"role": "user", "content": r["prompt"]}], cfg.data.system_prompt) for r in if_rows]
+    settings = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, **knobs)
+    everything = chats + if_chats  # one stream of batches: eval prompts and IFEval prompts together
+    gb = cfg.eval.gen_batch_size
+    t1 = time.perf_counter()
+    base_all = pair.answer_base(everything, settings, gb, use_cache, _counter(f"answering {len(everything)} (base) "))
+    t2 = time.perf_counter()
+    tuned_all = pair.answer_tuned(everything, settings, gb, _counter(f"answering {len(everything)} (tuned)"))
+    t3 = time.perf_counter()
+    n = len(chats)
+    sides = {"base": base_all, "tuned": tuned_all}
     banned = list(cfg.eval.banned_phrases)
+    generation = {"prompts": prompts, "n_prompts": n, **settings.to_dict(), "banned_phrases": banned,
+                  "base_cached": all(a.get("cached") for a in base_all) if base_all else False}
+    for side, ans in sides.items():
+        generation[side] = {**style_metrics(ans[:n], banned), **repetition_metrics(ans[:n])}
     result = {
         "run": str(run), "model": cfg.model.name, "method": cfg.method.name,
         "heldout": heldout,
-        "generation": {"prompts": prompts, "n_prompts": len(chats), "max_new_tokens": n_new, "temperature": 0.0,
-                       "banned_phrases": banned,
-                       "base": style_metrics(base_answers, banned), "tuned": style_metrics(tuned_answers, banned)},
+        "generation": generation,
+        "ifeval": ({"prompts_file": ifeval, **{side: ifeval_metrics(if_rows, ans[n:]) for side, ans in sides.items()}}
+                   if if_rows else None),
         "samples": [{"prompt": last_user(c), "base": b["text"], "tuned": t["text"]}
-                    for c, b, t in zip(chats, base_answers, tuned_answers)],
-        "seconds": round(time.perf_counter() - t0, 1),
+                    for c, b, t in zip(chats, base_all, tuned_all)],
     }
+    rows = sample_rows(chats, if_rows, base_all, tuned_all, banned)
+    if judge:
+        from .judge import judge_pairs
+
+        verdicts = judge_pairs(judge, judge_model, rows, log=log)
+        result["judge"] = verdicts["summary"]
+        for row, v in zip(rows, verdicts["per_sample"]):
+            row["judge"] = v
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["timing"] = {"heldout_s": round(t_heldout, 1), "base_answers_s": round(t2 - t1, 1),
+                        "tuned_answers_s": round(t3 - t2, 1), "answers": len(everything)}
     path = Path(out) if out else Path(run) / "eval.json"
     atomic_write_json(path, result)
-    log(f"wrote {path}")
+    samples_path = path.with_name("eval_samples.jsonl") if path.name == "eval.json" \
+        else path.with_name(path.stem + "_samples.jsonl")
+    atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
+    log(f"wrote {path} and {samples_path}")
     return result
+
+
+def sample_rows(chats, if_rows, base_all, tuned_all, banned) -> list[dict]:
+    """One row per prompt for eval_samples.jsonl: the prompt, both answers and every per-answer metric."""
+    from ..generate import last_user
+    from .ifeval import sample_ifeval
+
+    rows = []
+    for i, (b, t) in enumerate(zip(base_all, tuned_all)):
+        chat = (chats + [None] * len(if_rows))[i]
+        row = {"set": "eval" if i < len(chats) else "ifeval"}
+        if chat is not None:
+            row["prompt"] = last_user(chat)
+        else:
+            r = if_rows[i - len(chats)]
+            row.update(id=r["id"], prompt=r["prompt"], constraints=r["constraints"])
+        for side, a in (("base", b), ("tuned", t)):
+            m = {**per_answer_style(a, banned), **sample_repetition(a)}
+            if chat is None:
+                oks = sample_ifeval(a["text"], row["constraints"])
+                m.update(ifeval_pass=oks, ifeval_all=all(oks))
+            row[side] = {"text": a["text"], "n_tokens": a["n_tokens"], "ended": a["ended"],
+                         "cached": bool(a.get("cached")), **m}
+        rows.append(row)
+    return rows
+
+
+def per_answer_style(answer: dict, banned) -> dict:
+    t = answer["text"]
+    return {"list": has_list(t), "heading": has_heading(t), "code_block": has_code_block(t),
+            "banned": banned_hits(t, list(banned)), "stray_tags": stray_tags(t)}
+
+
+def _counter(label: str):
+    return lambda done, total: print(f"\r{label} {done}/{total}", end="\n" if done == total else "",
+                                     file=sys.stderr, flush=True)
 
 
 ROWS = [  # (label, section, key, format)
@@ -177,13 +246,27 @@ ROWS = [  # (label, section, key, format)
     ("answers with stray template tags", "style", "stray_tag_share", "{:.0%}"),
     ("mean length (tokens)", "style", "mean_tokens", "{:.1f}"),
     ("ended with end-of-turn", "style", "ended_share", "{:.0%}"),
-    ("generation tokens/s", "style", "tokens_per_s", "{:.1f}"),
+    ("answers caught in a loop", "style", "loop_share", "{:.0%}"),
+    ("hit the token limit", "style", "hit_limit_share", "{:.0%}"),
+    ("distinct-1 (unique words)", "style", "distinct_1", "{:.3f}"),
+    ("distinct-2 (unique word pairs)", "style", "distinct_2", "{:.3f}"),
+    ("longest repeated span, mean (words)", "style", "longest_repeat_mean", "{:.1f}"),
+    ("longest repeated span, max (words)", "style", "longest_repeat_max", "{:d}"),
+    ("generation tokens/s (batch)", "style", "tokens_per_s", "{:.1f}"),
+    ("IFEval prompts passed (all constraints)", "ifeval", "prompt_pass", "{:.0%}"),
+    ("IFEval constraints passed", "ifeval", "constraint_pass", "{:.0%}"),
+    ("judge prefers (win rate, ties half)", "judge", "win_rate", "{:.0%}"),
 ]
 
 
 def table_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(label, base, tuned) strings for every metric; '-' where it does not apply."""
-    h, g = result["heldout"], result["generation"]
+    """(label, base, tuned) strings for every metric that was measured; '-' where it does not apply.
+
+    IFEval adds one row per constraint type ("IFEval: <name> (n)") after its two summary rows.
+    """
+    from .ifeval import CHECKERS
+
+    h, g, ife, judge = result["heldout"], result["generation"], result.get("ifeval"), result.get("judge")
     rows = []
     for label, section, key, fmt in ROWS:
         if section == "heldout":
@@ -191,19 +274,39 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
                 vals = (None, h.get(key))  # the base's KL to itself is 0
             else:
                 vals = (h.get("base", {}).get(key), h.get("tuned", {}).get(key))
-        else:
+        elif section == "style":
             vals = (g["base"].get(key), g["tuned"].get(key))
+        elif section == "ifeval":
+            if not ife:
+                continue
+            vals = (ife["base"].get(key), ife["tuned"].get(key))
+        else:
+            if not judge:
+                continue
+            vals = (judge["base_win_rate"], judge["tuned_win_rate"])
         if key in PREF_KEYS[1:] and all(v is None for v in vals):
             continue  # preference rows only for preference runs
-        rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
+        if section != "style" or any(v is not None for v in vals):  # older eval.json: no repetition keys
+            rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
+        if section == "ifeval" and key == "constraint_pass":
+            for t, by in ife["tuned"]["by_type"].items():
+                b = ife["base"]["by_type"].get(t, {}).get("pass")
+                rows.append((f"  IFEval: {CHECKERS[t][1]} ({by['n']})", "-" if b is None else f"{b:.0%}",
+                             f"{by['pass']:.0%}"))
     return rows
 
 
 def format_table(result: dict) -> str:
     g = result["generation"]
+    how = "greedy" if not g.get("temperature") else f"temperature {g['temperature']}"
+    ife = result.get("ifeval")
     lines = [f"{result['run']}  ({result['method']} on {result['model']})",
              f"held-out: {result['heldout']['data']}, {result['heldout']['examples']} examples; "
-             f"answers: {g['n_prompts']} prompts from {g['prompts']}, greedy, <= {g['max_new_tokens']} new tokens",
-             "", f"{'metric':<34}{'base':>10}{'tuned':>10}", "-" * 54]
-    lines += [f"{label:<34}{b:>10}{t:>10}" for label, b, t in table_rows(result)]
+             f"answers: {g['n_prompts']} prompts from {g['prompts']}, {how}, <= {g['max_new_tokens']} new tokens"
+             + (f"; IFEval: {ife['tuned']['prompts']} prompts" if ife else "")
+             + ("; base answers from the cache" if g.get("base_cached") else ""),
+             "", f"{'metric':<44}{'base':>10}{'tuned':>10}", "-" * 64]
+    lines += [f"{label:<44}{b:>10}{t:>10}" for label, b, t in table_rows(result)]
+    if result.get("seconds") is not None:
+        lines += ["", f"took {result['seconds']:.1f} s"]
     return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Batched generation: the same token ids as one prompt at a time, for every method; merging; knobs.
+
+Exact equality of greedy token ids needs argmax margins wider than float rounding. The tiny
+random models here have them (their logits spread over ~1, rounding is ~1e-6), and the test
+checks the answers end at different steps, so dropping finished rows from the batch is covered.
+"""
+
+import pytest
+import torch
+from test_run import make_run
+from tiny import make_model, make_tokenizer
+
+from slimtune.data.render import render_prompt
+from slimtune.fastgen import GenSettings, _decode, can_merge, generate_many, merged, settings_from
+from slimtune.generate import generate, stop_ids
+from slimtune.runfolder import load_run
+
+TEXTS = ["Hello there", "What is the capital of France?", "hi", "Tell me a joke about a fox and a dog please",
+         "1. First", "def add(a, b):", "Translate to French: bonjour", "Summarise this"]
+CHATS = [[{"role": "user", "content": t}] for t in TEXTS]
+
+
+def ending_model(tok, bias: float = 0.4):
+    """A tiny model whose head leans towards end-of-turn, so answers end after 1 to 16 tokens."""
+    model = make_model(tok, hidden=64)
+    head = torch.nn.Linear(64, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.convert_tokens_to_ids("<|im_end|>")] = bias
+    model.lm_head = head
+    return model
+
+
+def alone(model, tok, chat, n):
+    """Token ids of transformers' own generate for one prompt, no padding: the unbatched path."""
+    ids = torch.tensor([render_prompt(chat, tok)])
+    stops = stop_ids(tok, model)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id, top_k=None, top_p=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_batched_greedy_token_ids_equal_unbatched():
+    tok = make_tokenizer("chatml")
+    model = ending_model(tok)
+    singles = [alone(model, tok, c, 16) for c in CHATS]
+    assert len({len(s) for s in singles}) >= 3  # answers end at different steps: rows leave the batch
+    prompts = [render_prompt(c, tok) for c in CHATS]
+    for bs in (3, 8):
+        batched = []
+        for i in range(0, len(prompts), bs):
+            batched += _decode(model, prompts[i:i + bs], GenSettings(max_new_tokens=16), [0] * bs,
+                               stop_ids(tok, model), tok.pad_token_id)
+        assert batched == singles
+    answers = generate_many(model, tok, CHATS, GenSettings(max_new_tokens=16), batch_size=3)
+    assert answers == [{**generate(model, tok, c, 16), "seconds": a["seconds"]} for c, a in zip(CHATS, answers)]
+    assert abs(sum(a["seconds"] for a in answers)) > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
+def test_every_method_batched_and_merged_equals_unbatched(tmp_path, tiny_dir, method):
+    model, tok, _ = load_run(make_run(tmp_path, tiny_dir, method))
+    singles = [generate(model, tok, c, 10) for c in CHATS]
+    with merged(model):
+        many = generate_many(model, tok, CHATS, GenSettings(max_new_tokens=10), batch_size=4)
+    assert [a["text"] for a in many] == [s["text"] for s in singles]
+    assert [a["n_tokens"] for a in many] == [s["n_tokens"] for s in singles]
+
+
+def test_merged_folds_the_adapter_in_and_restores_the_weights(tmp_path, tiny_dir):
+    model, tok, _ = load_run(make_run(tmp_path, tiny_dir, "lora"))
+    assert can_merge(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([render_prompt(CHATS[1], tok)])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with merged(model):
+            q = model.get_base_model().model.layers[0].self_attn.q_proj
+            assert q.merged and not torch.equal(q.base_layer.weight, before[next(k for k in before if
+                                                                              "layers.0.self_attn.q_proj.base_layer" in k)])
+            torch.testing.assert_close(model(input_ids=ids).logits, tuned, atol=1e-5, rtol=1e-5)
+    assert not q.merged
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=1e-6)
+    prompt_model, _, _ = load_run(make_run(tmp_path, tiny_dir, "prompt_tuning"))
+    assert not can_merge(prompt_model) and not can_merge(make_model(tok))
+
+
+def test_sampling_is_per_prompt_and_matches_unbatched():
+    """Prompt i samples with seed + i whatever shares its batch, as generate(seed=seed + i) does."""
+    tok = make_tokenizer("chatml")
+    model = ending_model(tok, 0.2)
+    s = GenSettings(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=30, repetition_penalty=1.2,
+                    no_repeat_ngram_size=3, seed=7)
+    many = generate_many(model, tok, CHATS, s, batch_size=3)
+    singles = [generate(model, tok, c, 12, 0.9, 0.9, seed=7 + i, top_k=30, repetition_penalty=1.2,
+                        no_repeat_ngram_size=3) for i, c in enumerate(CHATS)]
+    assert [a["text"] for a in many] == [x["text"] for x in singles]
+    assert [a["text"] for a in generate_many(model, tok, CHATS, s, batch_size=8)] == [a["text"] for a in many]
+    greedy = generate_many(model, tok, CHATS, GenSettings(max_new_tokens=12))
+    assert [a["text"] for a in many] != [a["text"] for a in greedy]
+
+
+def test_no_repeat_ngram_and_repetition_penalty_take_effect():
+    tok = make_tokenizer("chatml")
+    model = make_model(tok, hidden=64)
+    plain = generate_many(model, tok, CHATS[:4], GenSettings(max_new_tokens=24))
+    ids = [tok(a["text"], add_special_tokens=False)["input_ids"] for a in plain]
+    assert any(len(set(x)) < len(x) for x in ids)  # the random model repeats itself ...
+    prompts = [render_prompt(c, tok) for c in CHATS[:4]]
+    rows = _decode(model, prompts, GenSettings(max_new_tokens=24, no_repeat_ngram_size=1), [0] * 4,
+                   stop_ids(tok, model), tok.pad_token_id)
+    for p, row in zip(prompts, rows):  # ... and with n=1 no token of prompt or answer comes twice
+        assert len(set(row)) == len(row) and not set(row) & set(p)
+    penalised = generate_many(model, tok, CHATS[:4], GenSettings(max_new_tokens=24, repetition_penalty=5.0))
+    assert [a["text"] for a in penalised] != [a["text"] for a in plain]
+
+
+def test_settings_from_config_and_overrides():
+    from slimtune.config import EvalCfg
+
+    s = settings_from(EvalCfg(top_k=5), max_new_tokens=7, top_p=None, repetition_penalty=1.3)
+    assert (s.max_new_tokens, s.top_k, s.top_p, s.repetition_penalty, s.temperature) == (7, 5, 1.0, 1.3, 0.0)
+    assert not s.sample and GenSettings(temperature=0.5).sample
