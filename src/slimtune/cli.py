@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from .config import TRAIN_ON, WEIGHT_DTYPES, DataCfg  # light: yaml and the dataclasses
 from .errors import SlimtuneError
 
 
@@ -59,8 +60,8 @@ def add_data(sub):
     s.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
     s.add_argument("--chat-template", help="for a base model: chatml, llama3, alpaca, zephyr or a .jinja file")
     _source_options(s)
-    s.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"])
-    s.add_argument("--max-length", type=int, default=512)
+    s.add_argument("--train-on", default=DataCfg.train_on, choices=TRAIN_ON)
+    s.add_argument("--max-length", type=int, default=DataCfg.max_length)
     s.add_argument("--system-prompt")
     s.add_argument("--num-proc", type=int, default=1, help="rendering processes (default 1)")
     s.add_argument("--show", type=int, default=1, help="how many examples to print with their mask")
@@ -274,7 +275,7 @@ def add_eval(sub):
     p.add_argument("--max-prompts", type=int, help="answer only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     p.add_argument("--max-examples", type=int, help="held-out examples (default: the run's eval.max_examples)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES)
     p.add_argument("--ifeval", help="IFEval-style prompts with checkable instructions (default: the run's "
                                     "eval.ifeval, builtin:ifeval_prompts); '' skips them")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server that judges base vs tuned answers "
@@ -307,7 +308,7 @@ def add_compare(sub):
     p.add_argument("--temperature", type=float, default=0.7, help="for the sampled answers (default 0.7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="Markdown file (default: FIRST_RUN/compare.md; a .json is written beside it)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES)
     p.add_argument("--no-cache", action="store_true", help="generate the base's answers again")
     add_knobs(p)
     p.set_defaults(func=cmd_compare)
@@ -332,7 +333,7 @@ def add_chat(sub):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES)
     add_knobs(p)
     p.set_defaults(func=cmd_chat)
 
@@ -369,7 +370,7 @@ def add_merge(sub):
                                    "template to --out; prints a logit parity check against the adapter model.")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="new folder for the merged model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES,
                    help="saved weights (default: the run's model.dtype)")
     p.set_defaults(func=cmd_merge)
 

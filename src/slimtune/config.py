@@ -27,8 +27,10 @@ TARGETS = ("attn", "attn_mlp", "all_linear")
 TRAIN_ON = ("assistant", "last", "all")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "schedulefree")
 SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-"""Weight dtypes; models.DTYPES maps them to torch dtypes."""
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+"""Dtypes weights can be loaded or saved in (models.DTYPES maps them to torch dtypes)."""
+DTYPES = WEIGHT_DTYPES + ("auto",)
+"""model.dtype: a weight dtype, or what the checkpoint says."""
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt", "prompt_completion", "text")

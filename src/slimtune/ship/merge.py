@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import WEIGHT_DTYPES
 from ..errors import SlimtuneError
 from ..methods import method_of
+from ..models import DTYPES as _TORCH_DTYPES
 from ..runfolder import run_kind
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {k: _TORCH_DTYPES[k] for k in WEIGHT_DTYPES}
 
 
 def parity_inputs(tokenizer, system_prompt: str | None = None, n: int = 3) -> list[list[int]]:
