@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.batching import collate, length_grouped_batches, pack, split_by_tokens
+from ..data.batching import collate, length_grouped_batches, pack, row_length, split_by_tokens
 from ..data.prepare import Prepared
 from ..errors import ConfigError
 from ..evaluate.heldout import heldout_metrics
@@ -62,7 +62,7 @@ def epoch_rows(examples: list[dict], cfg: Config, epoch: int, objective: Objecti
     """Rows (packed or not) and their micro-batches for one epoch; fixed by (seed, epoch)."""
     seed = cfg.train.seed * 1000 + epoch
     rows = pack(examples, cfg.data.max_length, seed) if cfg.data.packing else examples
-    length = objective.length if objective else (lambda r: len(r["input_ids"]))
+    length = objective.length if objective else row_length
     batches = length_grouped_batches([length(r) for r in rows], cfg.train.batch_size, seed,
                                      group=cfg.data.group_by_length and not cfg.data.packing)
     return rows, batches
