@@ -36,3 +36,25 @@ def test_metrics_and_base_cache(tokenizer, monkeypatch):
     assert cached["kl"] > 1e-4
     assert cached == pytest.approx(fresh, rel=1e-6)
     assert cached["tokens"] == sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_base_loss_from_the_kl_pass_and_merged_tuned_pass(tokenizer, method):
+    """base_loss=True gives the adapters-off model's own loss without running it twice; merge=True
+    gives the unmerged numbers (to float rounding) and leaves the adapter unmerged."""
+    examples = [dict(zip(("input_ids", "labels"), render_chat(c, tokenizer))) for c in CHATS * 3]
+    model = apply_method(make_model(tokenizer), MethodCfg(name=method, r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pad = tokenizer.pad_token_id
+    plain = heldout_metrics(model, examples, pad, batch_size=2)
+    with model.disable_adapter():
+        base = heldout_metrics(model, examples, pad, batch_size=2, kl=False)
+    both = heldout_metrics(model, examples, pad, batch_size=2, base_loss=True, merge=True)
+    assert abs(base["loss"] - plain["loss"]) > 1e-3  # the adapter does change the model
+    assert both["base_loss"] == pytest.approx(base["loss"], rel=1e-6)
+    assert both["base_ppl"] == pytest.approx(base["ppl"], rel=1e-6)
+    assert {k: both[k] for k in plain} == pytest.approx(plain, rel=1e-5, abs=1e-8)
+    assert not any(getattr(m, "merged", False) for m in model.modules())

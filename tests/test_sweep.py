@@ -25,7 +25,7 @@ def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
                                                              "general_prompts": None},
                        "train": {"max_steps": 2, "progress": False}, "eval": {"max_examples": 4}},
             "grid": {"train.lr": [1e-4, 3e-2], "method.r": [2]}, "output_dir": str(tmp_path / "sw"),
-            "evaluate": False}
+            "set": {"train.warmup_steps": 1, "method.alpha": 7}, "evaluate": False}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     rows = sweep(tmp_path / "s.yaml", log=lambda *_: None)
     assert len(rows) == 2
@@ -38,6 +38,9 @@ def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
     for r in rows:  # efficiency beside quality
         assert r["trainable"] > 0 and r["adapter_mb"] > 0 and r["s_per_step"] > 0 and r["peak_rss_mb"] > 0
     assert "kl" in rows[0]["pareto"] or "kl" in rows[1]["pareto"]
+    for r in rows:  # `set:` reached every run
+        cfg = yaml.safe_load((tmp_path / "sw" / r["run"] / "config.yaml").read_text())
+        assert cfg["train"]["warmup_steps"] == 1 and cfg["method"]["alpha"] == 7
     mtime = (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime
     sweep(tmp_path / "s.yaml", log=lambda *_: None)  # finished runs are not run again
     assert (tmp_path / "sw" / "lr-0.0001_r-2" / "summary.json").stat().st_mtime == mtime
@@ -47,6 +50,9 @@ def test_bad_combination_fails_before_training(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"grid": {"train.optimizer": ["adamw", "sgd"]}}))
     with pytest.raises(ConfigError, match="sgd"):
         sweep(tmp_path / "s.yaml")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"grid": {"train.lr": [1e-3]}, "set": {"train.nope": 1}}))
+    with pytest.raises(ConfigError, match="nope"):
+        sweep(tmp_path / "t.yaml")
 
 
 def test_shipped_sweeps_are_valid():

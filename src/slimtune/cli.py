@@ -276,8 +276,10 @@ def add_eval(sub):
     p.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     p.add_argument("--max-examples", type=int, help="held-out examples (default: the run's eval.max_examples)")
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES)
-    p.add_argument("--ifeval", help="IFEval-style prompts with checkable instructions (default: the run's "
-                                    "eval.ifeval, builtin:ifeval_prompts); '' skips them")
+    p.add_argument("--ifeval", nargs="?", const="builtin:ifeval_prompts", metavar="PROMPTS",
+                   help="also answer IFEval-style prompts with checkable instructions: --ifeval alone is the "
+                        "shipped set (builtin:ifeval_prompts, 66 prompts), or a file; default: the run's "
+                        "eval.ifeval (off unless set); '' skips them")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server that judges base vs tuned answers "
                                                   "(both orders); off by default")
     p.add_argument("--judge-model", metavar="NAME", help="model name to send to the judge")

@@ -14,9 +14,12 @@ or, one factor at a time around the base config (the base run, then each value o
       train.optimizer: [adafactor, lion]
       method.r: [4, 32]
 
+`set:` (key: value) applies to every run, on top of the base config.
+
 Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), is
 evaluated with `slimtune eval` (`evaluate: false` skips it; an existing eval.json is reused), and
-`results.csv` / `results.md` rank the runs by held-out loss, with KL to base, the evaluation's
+`results.csv` / `results.md` rank the runs by held-out loss, with KL to base (both from the run's
+own final evaluation, summary.json), the evaluation's
 generation metrics and efficiency (trainable parameters, adapter size, s/step, tokens/s, peak
 memory) beside it. A run on the Pareto front of (loss, KL) or (loss, trainable parameters) is
 marked; results.png draws both fronts.
@@ -69,13 +72,15 @@ def _override_strings(overrides: dict) -> list[str]:
 
 def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(spec) - {"base", "config", "grid", "vary", "output_dir", "evaluate"}
+    unknown = set(spec) - {"base", "config", "grid", "vary", "set", "output_dir", "evaluate"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid or vary, "
-                          "output_dir, evaluate")
+                          "set, output_dir, evaluate")
     if spec.get("grid") and spec.get("vary"):
         raise ConfigError(f"{path}: give grid (every combination) or vary (one factor at a time), not both")
     base = load_config(spec["base"]).to_dict() if spec.get("base") else (spec.get("config") or {})
+    if spec.get("set"):  # every run's overrides, checked like any override
+        base = build_config(base, _override_strings(spec["set"])).to_dict()
     if spec.get("vary"):
         return base, {"__vary__": spec["vary"]}, Path(spec.get("output_dir", "runs/sweep"))
     return base, spec.get("grid") or {}, Path(spec.get("output_dir", "runs/sweep"))
@@ -108,7 +113,7 @@ def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | N
             train(cfg, log=log)
         if evaluate and not (run_dir / "eval.json").exists():
             from .evaluate.suite import evaluate_run
-            evaluate_run(str(run_dir), log=log)
+            evaluate_run(str(run_dir), log=log, heldout=False)
         rows.append(result_row(run_dir, name, combo))
     write_results(rows, out, keys)
     return rows
@@ -124,7 +129,9 @@ def result_row(run_dir: Path, name: str, combo: dict) -> dict:
            "adapter_mb": round(sum(f.stat().st_size for f in run_dir.glob("*.safetensors")) / 2**20, 3)}
     ev = run_dir / "eval.json"
     if ev.exists():
-        tuned = json.loads(ev.read_text()).get("generation", {}).get("tuned", {})
+        result = json.loads(ev.read_text())
+        tuned = {**result.get("generation", {}).get("tuned", {}),
+                 "ifeval_pass_rate": ((result.get("ifeval") or {}).get("tuned") or {}).get("prompt_pass")}
         row.update({k: tuned[k] for k in GEN_COLUMNS if isinstance(tuned.get(k), (int, float))})
     return row
 

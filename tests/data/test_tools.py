@@ -8,6 +8,7 @@ from slimtune.cli import main
 from slimtune.data.batching import collate, length_grouped_batches, pack
 from slimtune.data.formats import load_chats
 from slimtune.data.tools import dedupe, highlight, mix, render_all, split
+from slimtune.errors import DataError
 
 
 def chat(q, a):
@@ -86,3 +87,27 @@ def test_cli_convert_mix_split_stats(tmp_path, tiny_dir, capsys):
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     assert main(["data", "stats", str(bad), "--model", tiny_dir]) == 2
     assert f"{bad}:1 field 'messages[0].content'" in capsys.readouterr().err
+
+
+def test_chitchat_in_a_weighted_mix(tmp_path):
+    """'chitchat:N' is N conversations; 'chitchat:N:W' gives it a weight; either goes in a mix list."""
+    from slimtune.data.prepare import read_chats
+    from slimtune.data.tools import parse_weighted
+
+    assert parse_weighted("chitchat:300") == ("chitchat:300", 1.0)
+    assert parse_weighted("chitchat:300:2") == ("chitchat:300", 2.0)
+    assert parse_weighted("a.jsonl:3") == ("a.jsonl", 3.0)
+    with pytest.raises(DataError, match="chitchat:N:W"):
+        parse_weighted("chitchat:1:2:3")
+    with pytest.raises(DataError, match="not a number"):
+        parse_weighted("chitchat:3:x")
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                    {"role": "assistant", "content": f"a{i}"}]})
+                           for i in range(5)) + "\n")
+    mixed = read_chats(f"{f}:2,chitchat:7:1")
+    ours = [c for c in mixed if c[0]["content"].startswith("q") and len(c) == 2 and c[1]["content"][1:].isdigit()]
+    assert len(ours) == 10 and len(mixed) == 17
+    assert len(read_chats("chitchat:7")) == 7
+    key = lambda chats: sorted(json.dumps(c) for c in chats)  # noqa: E731
+    assert key(read_chats("chitchat:4,chitchat:4")) == key(read_chats("chitchat:4"))  # deduplicated across sources

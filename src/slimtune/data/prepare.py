@@ -35,10 +35,6 @@ def read_chats(spec: str, fmt: str = "auto", system_prompt: str | None = None, s
                columns: dict | None = None, split: str | None = None, subset: str | None = None) -> list[Messages]:
     """One source (file, folder, hf:org/name, 'builtin:NAME'), 'chitchat[:N]', or a weighted list
     'a.jsonl:3,b.jsonl:1'."""
-    if spec.startswith("chitchat"):
-        from .formats import load_chitchat
-        n = spec.partition(":")[2]
-        return load_chitchat(int(n) if n else None, system_prompt)
     if not _is_mix(spec):
         return load_chats(spec.strip(), fmt, system_prompt, columns, split, subset)
     parts = [p.strip() for p in spec.split(",") if p.strip()]

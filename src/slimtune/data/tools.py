@@ -70,17 +70,41 @@ def dedupe(chats: list[Messages]) -> tuple[list[Messages], int, int]:
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
-    """'file.jsonl:3' -> ('file.jsonl', 3.0); no weight means 1. 'builtin:x' keeps its colon."""
+    """'file.jsonl:3' -> ('file.jsonl', 3.0); no weight means 1. 'builtin:x' keeps its colon;
+    'chitchat:N' is N chitchat conversations (weight 1) and 'chitchat:N:W' the same with weight W."""
+    if spec.startswith("chitchat"):
+        parts = spec.split(":")
+        if len(parts) > 3 or (len(parts) == 3 and not parts[1]):
+            raise DataError(f"'{spec}': write chitchat, chitchat:N (N conversations) or chitchat:N:W (weight W)")
+        return ":".join(parts[:2]), _weight(spec, parts[2]) if len(parts) == 3 else 1.0
     path, sep, weight = spec.rpartition(":")
     if sep and path and path != "builtin":
         try:
-            w = float(weight)
+            float(weight)
         except ValueError:
             return spec, 1.0
-        if w <= 0:
-            raise DataError(f"weight must be > 0 in '{spec}'")
-        return path, w
+        return path, _weight(spec, weight)
     return spec, 1.0
+
+
+def _weight(spec: str, text: str) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        raise DataError(f"'{text}' in '{spec}' is not a number: the weight goes after the last ':'") from None
+    if w <= 0:
+        raise DataError(f"weight must be > 0 in '{spec}'")
+    return w
+
+
+def _load(path: str, fmt: str, system_prompt, columns, split, subset) -> list[Messages]:
+    if path.startswith("chitchat"):
+        from .formats import load_chitchat
+        n = path.partition(":")[2]
+        if n and not n.isdigit():
+            raise DataError(f"'{path}': chitchat:N takes a whole number of conversations")
+        return load_chitchat(int(n) if n else None, system_prompt)
+    return load_chats(path, fmt, system_prompt, columns, split, subset)
 
 
 def mix(specs: list[str], seed: int = 0, fmt: str = "auto", do_dedupe: bool = True,
@@ -93,7 +117,7 @@ def mix(specs: list[str], seed: int = 0, fmt: str = "auto", do_dedupe: bool = Tr
     seen = Deduper()  # shared across sources, so one chat never comes in through two of them
     for spec in specs:
         path, w = parse_weighted(spec)
-        chats = load_chats(path, fmt, system_prompt, columns, split, subset)
+        chats = _load(path, fmt, system_prompt, columns, split, subset)
         n_read, n_exact0, n_near0 = len(chats), seen.n_exact, seen.n_near
         if do_dedupe:
             chats = [c for c in chats if seen.keep(c)]

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from ..config import LossCfg
 from ..data.batching import collate, length_grouped_batches
-from ..train.forward import KLTerm, batch_loss
+from ..data.render import IGNORE
+from ..fastgen import merged
+from ..losses import chunked_loss
+from ..train.forward import KLTerm, batch_loss, output_layer, reference_states
 
 
 @torch.inference_mode()
 def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg | None = None,
                     batch_size: int = 8, max_examples: int | None = None, kl: bool = True,
-                    ref_model=None, ref_cache: dict | None = None) -> dict:
+                    ref_model=None, ref_cache: dict | None = None, base_loss: bool = False,
+                    merge: bool = False) -> dict:
     """Mean CE per trained token, its perplexity, and mean KL(base || tuned) per trained token.
 
     The KL metric is always the forward direction at temperature 1 on trained (assistant) tokens,
     whatever the training objective, so runs are comparable. Pass the same `ref_cache` dict to
     every evaluation of one example set: the base's hidden states are then computed only once.
+
+    base_loss (with kl): also the base's own loss and perplexity ("base_loss", "base_ppl") from the
+    hidden states the KL takes from the base anyway, so the base runs once, not twice.
+    merge: the tuned pass runs with the adapter folded into the weights (`fastgen.merged`; the base
+    pass runs first, adapters off). For evaluation of a finished run: merging and unmerging leaves
+    float rounding in the base weights, which training must not accumulate.
     """
     if not examples:
         return {}
@@ -28,20 +39,36 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     chunk = (loss_cfg or LossCfg()).chunk_size
     was_training = model.training
     model.eval()
-    ce = kl_sum = 0.0
+    ce = kl_sum = base_ce = 0.0
     n = 0
+    cache = ref_cache if ref_cache is not None else {}
     try:
-        batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
-        for b, idx in enumerate(batches):
-            out = batch_loss(model, collate([examples[i] for i in idx], pad_id), term, normaliser=1.0,
-                             ref_model=ref_model, ref_cache=ref_cache, key=b, chunk_size=chunk)
-            ce += float(out.ce_sum)
-            kl_sum += float(out.kl_sum)
-            n += out.n_tokens
+        groups = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
+        batches = [collate([examples[i] for i in idx], pad_id) for idx in groups]
+        if kl:  # the base first, adapters off (before any merge)
+            for b, batch in enumerate(batches):
+                if b not in cache:
+                    cache[b] = reference_states(model, batch, term, ref_model)
+        with merged(model) if merge else nullcontext():
+            for b, batch in enumerate(batches):
+                out = batch_loss(model, batch, term, normaliser=1.0, ref_model=ref_model,
+                                 ref_cache=cache if kl else None, key=b, chunk_size=chunk)
+                ce += float(out.ce_sum)
+                kl_sum += float(out.kl_sum)
+                n += out.n_tokens
+        if kl and base_loss:  # metric KL positions are the trained ones: the cache rows are the targets
+            head = output_layer(ref_model if ref_model is not None else model)
+            for b, batch in enumerate(batches):
+                targets = batch["labels"][:, 1:]
+                base_ce += float(chunked_loss(cache[b], head.weight, targets[targets != IGNORE], normaliser=1.0,
+                                              chunk_size=chunk, **head.kwargs()).ce_sum)
     finally:
         model.train(was_training)
     loss = ce / max(1, n)
     res = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
     if kl:
         res["kl"] = kl_sum / max(1, n)
+        if base_loss:
+            res["base_loss"] = base_ce / max(1, n)
+            res["base_ppl"] = math.exp(min(res["base_loss"], 50))
     return res

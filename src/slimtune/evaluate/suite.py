@@ -95,10 +95,12 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
                  judge: str | None = None, judge_model: str | None = None, use_cache: bool = True,
-                 **knobs) -> dict:
+                 heldout: bool = True, **knobs) -> dict:
     """Evaluate a run folder against its base; writes the result JSON and RUN/eval_samples.jsonl
     (beside `out`) and returns the result (see module doc).
 
+    heldout=False skips the held-out loss and KL (a sweep reads them from each run's summary, where
+    training's final evaluation put them).
     ifeval: IFEval-style prompts (default: the run's eval.ifeval; "" skips them). judge: an
     OpenAI-compatible URL that picks the better of base / tuned per prompt (off by default).
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
@@ -125,7 +127,9 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
     from ..train.preference import is_preference
 
-    if is_preference(cfg.loss.objective):
+    if not heldout:
+        examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
+    elif is_preference(cfg.loss.objective):
         heldout, general = preference_heldout(model, tok, cfg, ref, data, n_max, log)
         examples = []
     else:
@@ -133,15 +137,15 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
         heldout = {"data": source, "examples": len(examples[:n_max] if n_max else examples)}
     if examples:
         log(f"held-out loss on {heldout['examples']} examples ...")
-        tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)
-        with pair.base() as base:
-            base_m = heldout_metrics(base, examples, pad, cfg.loss, bs, n_max, kl=False)
-        heldout.update(tokens=tuned["tokens"], base={"loss": base_m["loss"], "ppl": base_m["ppl"]},
+        tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref,
+                                base_loss=True, merge=True)
+        heldout.update(tokens=tuned["tokens"], base={"loss": tuned["base_loss"], "ppl": tuned["base_ppl"]},
                        tuned={"loss": tuned["loss"], "ppl": tuned["ppl"]}, kl_to_base=tuned["kl"])
-    elif "base" not in heldout:
+    elif "base" not in heldout and not heldout.get("skipped"):
         log("no held-out examples: skipping held-out loss")
     if general:
-        heldout["general_kl"] = heldout_metrics(model, general, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref)["kl"]
+        heldout["general_kl"] = heldout_metrics(model, general, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref,
+                                                merge=True)["kl"]
     t_heldout = time.perf_counter() - t0
 
     prompts = prompts or PROMPTS

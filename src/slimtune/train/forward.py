@@ -153,7 +153,7 @@ def batch_loss(model, batch: dict, kl: KLTerm | None = None, normaliser: float |
         if ref_cache is not None and key in ref_cache:
             ref_sel = ref_cache[key]
         else:
-            ref_sel = base_hidden(model, batch, ref_model)[:, :-1][sel]
+            ref_sel = reference_states(model, batch, kl, ref_model)
             if ref_cache is not None:
                 ref_cache[key] = ref_sel
         ref_head = output_layer(ref_model) if ref_model is not None else head
@@ -166,6 +166,14 @@ def batch_loss(model, batch: dict, kl: KLTerm | None = None, normaliser: float |
     h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
     return chunked_loss(h[sel], head.weight, targets[sel], normaliser=normaliser, chunk_size=chunk_size,
                         **head.kwargs(), **kw)
+
+
+def reference_states(model, batch: dict, kl: KLTerm, ref_model=None) -> torch.Tensor:
+    """(N, H) the base's hidden states at the positions `batch_loss` scores with this KL term
+    (trained targets and KL positions, in row-major order): what its `ref_cache` holds per batch."""
+    targets = batch["labels"][:, 1:]
+    sel = (targets != IGNORE) | kl_positions(batch, targets, kl)
+    return base_hidden(model, batch, ref_model)[:, :-1][sel]
 
 
 @torch.no_grad()
