@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Sources and rendered examples are cached on disk: keep the tests' copies out of the user's cache.
 os.environ.setdefault("SLIMTUNE_DATA_CACHE", tempfile.mkdtemp(prefix="slimtune-test-data-"))
+os.environ.setdefault("SLIMTUNE_STATES_CACHE", tempfile.mkdtemp(prefix="slimtune-test-states-"))
 
 from tiny import make_tokenizer, save_tiny  # noqa: E402
 

@@ -13,6 +13,7 @@ from ..data.render import IGNORE
 from ..fastgen import merged
 from ..losses import chunked_loss
 from ..train.forward import KLTerm, batch_loss, output_layer, reference_states
+from .states import batch_key
 
 
 @torch.inference_mode()
@@ -24,7 +25,8 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
 
     The KL metric is always the forward direction at temperature 1 on trained (assistant) tokens,
     whatever the training objective, so runs are comparable. Pass the same `ref_cache` dict to
-    every evaluation of one example set: the base's hidden states are then computed only once.
+    every evaluation of one example set: the base's hidden states are then computed only once
+    (keyed by the batch's content; an `evaluate.states.BaseStates` keeps them on disk).
 
     base_loss (with kl): also the base's own loss and perplexity ("base_loss", "base_ppl") from the
     hidden states the KL takes from the base anyway, so the base runs once, not twice.
@@ -45,22 +47,25 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     try:
         groups = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
         batches = [collate([examples[i] for i in idx], pad_id) for idx in groups]
+        keys = [batch_key(batch, repr(term)) for batch in batches]
         if kl:  # the base first, adapters off (before any merge)
-            for b, batch in enumerate(batches):
-                if b not in cache:
-                    cache[b] = reference_states(model, batch, term, ref_model)
+            for key, batch in zip(keys, batches):
+                if key not in cache:
+                    cache[key] = reference_states(model, batch, term, ref_model)
+            if hasattr(cache, "flush"):  # evaluate.states.BaseStates: kept on disk for later evaluations
+                cache.flush()
         with merged(model) if merge else nullcontext():
-            for b, batch in enumerate(batches):
+            for key, batch in zip(keys, batches):
                 out = batch_loss(model, batch, term, normaliser=1.0, ref_model=ref_model,
-                                 ref_cache=cache if kl else None, key=b, chunk_size=chunk)
+                                 ref_cache=cache if kl else None, key=key, chunk_size=chunk)
                 ce += float(out.ce_sum)
                 kl_sum += float(out.kl_sum)
                 n += out.n_tokens
         if kl and base_loss:  # metric KL positions are the trained ones: the cache rows are the targets
             head = output_layer(ref_model if ref_model is not None else model)
-            for b, batch in enumerate(batches):
+            for key, batch in zip(keys, batches):
                 targets = batch["labels"][:, 1:]
-                base_ce += float(chunked_loss(cache[b], head.weight, targets[targets != IGNORE], normaliser=1.0,
+                base_ce += float(chunked_loss(cache[key], head.weight, targets[targets != IGNORE], normaliser=1.0,
                                               chunk_size=chunk, **head.kwargs()).ce_sum)
     finally:
         model.train(was_training)

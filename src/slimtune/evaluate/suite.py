@@ -111,6 +111,8 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     from ..runfolder import run_kind
     from .base_vs_tuned import BaseVsTuned
     from .heldout import heldout_metrics
+    from ..methods import method_of
+    from .states import base_states
     from .ifeval import ifeval_metrics, load_ifeval
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -135,17 +137,20 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     else:
         examples, general, source = heldout_examples(cfg, tok, data)
         heldout = {"data": source, "examples": len(examples[:n_max] if n_max else examples)}
+    # the base's hidden states for KL and base loss: training's evaluations left them on disk
+    states = base_states(cfg.model.name, dtype, str(next(model.parameters()).device),
+                         method_of(cfg.method.name).four_bit)
     if examples:
         log(f"held-out loss on {heldout['examples']} examples ...")
         tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref,
-                                base_loss=True, merge=True)
+                                ref_cache=states, base_loss=True, merge=True)
         heldout.update(tokens=tuned["tokens"], base={"loss": tuned["base_loss"], "ppl": tuned["base_ppl"]},
                        tuned={"loss": tuned["loss"], "ppl": tuned["ppl"]}, kl_to_base=tuned["kl"])
     elif "base" not in heldout and not heldout.get("skipped"):
         log("no held-out examples: skipping held-out loss")
     if general:
         heldout["general_kl"] = heldout_metrics(model, general, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref,
-                                                merge=True)["kl"]
+                                                ref_cache=states, merge=True)["kl"]
     t_heldout = time.perf_counter() - t0
 
     prompts = prompts or PROMPTS

@@ -31,6 +31,7 @@ from ..data.batching import collate, length_grouped_batches, pack, row_length, s
 from ..data.prepare import Prepared
 from ..errors import ConfigError
 from ..evaluate.heldout import heldout_metrics
+from ..evaluate.states import base_states
 from ..methods import apply_method, method_of, trainable_report
 from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
 from . import distributed
@@ -38,7 +39,7 @@ from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .forward import check_head
 from .layer_choice import auto_k, choose_layers, layer_scores
-from .objectives import Objective, make_objective
+from .objectives import SFT, Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
 from .precision import Precision, check_precision
 from .trackers import check_trackers, make_trackers
@@ -206,13 +207,16 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
         if ckpt is None:
             cfg.save(run_dir / "config.yaml")
             atomic_write_json(run_dir / "data_stats.json", data.stats)
+    # the base's hidden states at evaluated positions, on disk: `slimtune eval` and later runs reuse them
+    states = base_states(cfg.model.name, cfg.model.dtype, str(acc.device), method_of(cfg.method.name).four_bit)
     s = Session(cfg=cfg, acc=acc, model=model, tokenizer=tokenizer, objective=objective, data=data,
                 ref_model=ref_model, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
                 total_steps=total_steps, params=trainable_report(model), base_params=base_params,
                 stopper=Stopper(tc, loop.get("stopper")),
                 callbacks=own + (list(callbacks) if acc.is_main_process else []),
                 timer=timer, loop=loop, resumed_s=loop["train_s"] if ckpt is not None else 0.0,
-                amp=Precision(tc.mixed_precision, acc.device.type, log))
+                amp=Precision(tc.mixed_precision, acc.device.type, log),
+                ref_caches={"val": states if isinstance(objective, SFT) else {}, "general": states})
     s.amp.load_state_dict(loop.get("amp"))
     s.rows, s.batches = epoch_rows(data.train, cfg, loop["epoch"], objective)
     objective.before_training(model, data.train, tokenizer.pad_token_id, ref_model)
