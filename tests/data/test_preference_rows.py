@@ -96,3 +96,31 @@ def test_split_keeps_both_rows_of_a_pair_on_one_side(tmp_path, tokenizer):
     train, val = split_rows(out, 0.2, seed=1)
     assert len(val) == 4 and len(train) == 16
     assert not {r["where"] for r in train} & {r["where"] for r in val}
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv", "arrow"])
+def test_preference_rows_from_parquet_csv_and_arrow_equal_jsonl(tmp_path, tokenizer, ext):
+    """Text rows (prompt / chosen / rejected strings, or KTO's prompt / completion / label) read from
+    any columnar file give the same examples as the JSONL file; a bad row still names its row."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}, wrong."} for i in range(4)]
+    want, _ = load_preferences(write(tmp_path, rows), tokenizer)
+    ds = Dataset.from_list(rows)
+    path = str(tmp_path / f"p.{ext}")
+    {"parquet": ds.to_parquet, "csv": lambda p: ds.to_csv(p, index=False)}.get(ext, lambda p: None)(path)
+    if ext == "arrow":
+        path = str(tmp_path / "p_disk")
+        ds.save_to_disk(path)
+    got, _ = load_preferences(path, tokenizer)
+    assert [{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in got] == \
+           [{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in want]
+    kto = Dataset.from_list([{"prompt": "Hi?", "completion": "Hello.", "label": True},
+                             {"prompt": "Hi?", "completion": "Go away.", "label": False}])
+    kto.to_parquet(str(tmp_path / "k.parquet"))
+    got, _ = load_preferences(str(tmp_path / "k.parquet"), tokenizer, kind="unpaired")
+    assert [e["label"] for e in got] == [True, False]
+    bad = Dataset.from_list([*rows[:2], {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet.*3"):
+        load_preferences(str(tmp_path / "bad.parquet"), tokenizer)
