@@ -292,6 +292,23 @@ def test_kto_equals_trl_ktotrainer(tok, unpaired):
     assert obj.summarize(out.sums, len(unpaired), 0)["kto_z0"] == pytest.approx(tr._metrics["train"]["kl"][-1], abs=1e-4)
 
 
+def test_kto_one_row_piece_pairs_with_another_rows_completion(tok, unpaired):
+    """A micro-batch of one row has no (x_i, y_{i-1}): its mismatched pair takes another training
+    row's completion (never its own), the same one every time; two or more rows shift as TRL."""
+    obj = KTO(cfg_for("kto"))
+    model = lora_model(tok)
+    obj.before_training(model, unpaired, tok.pad_token_id)
+    for row in unpaired:
+        b = obj.collate([row], tok.pad_token_id)
+        own = b["input_ids"][0][b["labels"][0] != -100].tolist()
+        other = b["kl_input_ids"][0][b["kl_labels"][0] != -100].tolist()
+        assert other != own and other in [u["completion_ids"] for u in unpaired]
+        assert torch.equal(obj.collate([row], tok.pad_token_id)["kl_input_ids"], b["kl_input_ids"])
+    two = obj.collate(unpaired[:2], tok.pad_token_id)
+    first = two["kl_input_ids"][0][two["kl_labels"][0] != -100].tolist()
+    assert first == unpaired[1]["completion_ids"]  # (x_0, y_{-1}) within the batch
+
+
 def cpo_batch(rows, pad_id):
     b = {}
     for k in ("chosen", "rejected"):

@@ -16,6 +16,8 @@ The loss of a step is the sum of per-pair losses over the step's pairs (KTO: exa
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from .. import losses_pref as L
@@ -261,10 +263,26 @@ class KTO(PairedObjective):
 
     The reference point z0 is TRL's estimate: each micro-batch also scores mismatched pairs
     (prompt_i, completion_{i-1}) under the model and the base (no grad); z0 = max(0, mean of
-    their log-ratios). A micro-batch of one row has no mismatched pair: z0 is then its own ratio.
+    their log-ratios). A micro-batch of one row (a small micro_batch_tokens splits a step into
+    rows) pairs its prompt with another training row's completion instead, picked from the
+    prompt's content (so the same after a resume); TRL refuses a batch of one.
     """
 
     name = "kto"
+    _pool: list[list[int]] = []
+
+    def before_training(self, model, rows, pad_id, ref_model=None) -> None:
+        super().before_training(model, rows, pad_id, ref_model)
+        self._pool = [r["completion_ids"] for r in rows]
+
+    def _mismatched(self, rows) -> list[list[int]]:
+        comps = [r["completion_ids"] for r in rows]
+        if len(rows) > 1 or len(self._pool) < 2:
+            return comps[-1:] + comps[:-1]  # (x_i, y_{i-1}), as TRL
+        i = zlib.crc32(str(rows[0]["prompt_ids"]).encode()) % len(self._pool)
+        if self._pool[i] == comps[0]:
+            i = (i + 1) % len(self._pool)
+        return [self._pool[i]]
 
     def length(self, row):
         return len(row["prompt_ids"]) + len(row["completion_ids"])
@@ -276,7 +294,7 @@ class KTO(PairedObjective):
         prompts = [r["prompt_ids"] for r in rows]
         comps = [r["completion_ids"] for r in rows]
         batch = collate_sequences(prompts, comps, pad_id)
-        kl = collate_sequences(prompts, comps[-1:] + comps[:-1], pad_id)  # (x_i, y_{i-1})
+        kl = collate_sequences(prompts, self._mismatched(rows), pad_id)  # (x_i, y_{i-1})
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
         if all("ref_logps" in r for r in rows):
