@@ -227,20 +227,23 @@ def cmd_data_neg_guard(args):
 
 def cmd_data_pairs(args):
     from .data.preference import pairs_from_sft
-    from .generate import generate
+    from .fastgen import GenSettings, generate_many, merged
     from .runfolder import load_run
     from .utils import atomic_write_text
 
     chats = _read_any(args)[: args.limit]
-    model, tok, _ = load_run(args.model)
+    model, tok, cfg = load_run(args.model)
 
-    def answer(prompt):
-        return generate(model, tok, prompt, args.max_new_tokens)["text"]
+    def answer_all(prompts, log):  # greedy, batched (and an adapter merged while it answers)
+        with merged(model):
+            out = generate_many(model, tok, prompts, GenSettings(max_new_tokens=args.max_new_tokens),
+                                cfg.eval.gen_batch_size, log)
+        return [a["text"] for a in out]
 
     def progress(i, n):
         print(f"\ranswering {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
 
-    rows, same = pairs_from_sft(chats, answer, progress)
+    rows, same = pairs_from_sft(chats, answer_all, progress)
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} pairs to {args.out}" + (f" ({same} skipped: the model gave the dataset's answer)"
                                                       if same else ""))

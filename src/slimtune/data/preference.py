@@ -247,16 +247,18 @@ def prepare_preferences(cfg, tokenizer, kind: str = "paired", seed: int = 0):
     return Prepared(train, val, general, {"train": summary(train, st), "val": summary(val, vst)})
 
 
-def pairs_from_sft(chats: list[Messages], answer, log=lambda *_: None) -> tuple[list[dict], int]:
+def pairs_from_sft(chats: list[Messages], answer_all, log=lambda *_: None) -> tuple[list[dict], int]:
     """Preference pairs from SFT chats: prompt = every turn before the last assistant turn,
-    chosen = the dataset's answer, rejected = `answer(prompt)` (the model's own greedy answer).
+    chosen = the dataset's answer, rejected = the model's own greedy answer, from
+    `answer_all(prompts, log) -> [text]` (all prompts at once, so they can be batched).
     Chats where the model already gives the dataset's answer are skipped (counted)."""
+    lasts = [max(j for j, m in enumerate(chat) if m["role"] == "assistant") for chat in chats]
+    prompts = [chat[:last] for chat, last in zip(chats, lasts)]
+    answers = answer_all(prompts, log)
     rows, same = [], 0
-    for i, chat in enumerate(chats):
-        last = max(j for j, m in enumerate(chat) if m["role"] == "assistant")
-        prompt, chosen = chat[:last], chat[last]["content"]
-        rejected = answer(prompt).strip()
-        log(i + 1, len(chats))
+    for chat, last, prompt, rejected in zip(chats, lasts, prompts, answers):
+        chosen = chat[last]["content"]
+        rejected = rejected.strip()
         if not rejected or rejected == chosen.strip():
             same += 1
             continue
