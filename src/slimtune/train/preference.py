@@ -179,6 +179,21 @@ class PairedObjective(Objective):
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
+    def _eval_batches(self, model, rows, pad_id, batch_size, max_examples=None):
+        """(rows, collated batch on the model's device) in turn, the model in eval mode meanwhile;
+        the reference is always scored fresh (a precomputed `ref_logps` is training's)."""
+        rows = rows[:max_examples] if max_examples else rows
+        was = model.training
+        model.eval()
+        try:
+            for s in range(0, len(rows), batch_size):
+                part = rows[s:s + batch_size]
+                batch = self._to(model, self.collate(part, pad_id))
+                batch.pop("ref_logps", None)
+                yield part, batch
+        finally:
+            model.train(was)
+
     @torch.no_grad()
     def evaluate(self, model, rows: list[dict], pad_id: int, batch_size: int, ref_model=None,
                  max_examples: int | None = None, kl: bool = True, ref_cache: dict | None = None) -> dict:
@@ -187,24 +202,13 @@ class PairedObjective(Objective):
         chosen / rejected log-probs and KL(base || tuned) per completion token."""
         if not rows:
             return {}
-        rows = rows[:max_examples] if max_examples else rows
-        was = model.training
-        model.eval()
         sums: dict[str, float] = {}
-        try:
-            for s in range(0, len(rows), batch_size):
-                part = rows[s:s + batch_size]
-                batch = self._to(model, self.collate(part, pad_id))
-                batch.pop("ref_logps", None)
-                key = tuple(r["where"] for r in part)
-                sc = score(model, batch, ref_model, self.needs_reference or kl, self.cfg.loss.chunk_size,
-                           ref_cache, key)
-                sc["n"] = len(part)
-                out = self.pair_loss(sc)
-                for k, v in self._sums(out, sc).items():
-                    sums[k] = sums.get(k, 0.0) + v
-        finally:
-            model.train(was)
+        for part, batch in self._eval_batches(model, rows, pad_id, batch_size, max_examples):
+            key = tuple(r["where"] for r in part)
+            sc = score(model, batch, ref_model, self.needs_reference or kl, self.cfg.loss.chunk_size, ref_cache, key)
+            sc["n"] = len(part)
+            for k, v in self._sums(self.pair_loss(sc), sc).items():
+                sums[k] = sums.get(k, 0.0) + v
         n = max(sums["pairs"], 1.0)
         row = self.summarize(sums, n, 0)
         ev = {f"eval_{k}": v for k, v in row.items()}
@@ -358,24 +362,14 @@ class KTO(PairedObjective):
         that both rows of a source pair give (mean per-token log-prob, desirable > undesirable)."""
         if not rows:
             return {}
-        rows = rows[:max_examples] if max_examples else rows
-        was = model.training
-        model.eval()
         sums: dict[str, float] = {}
         means: dict[str, dict[bool, float]] = {}
-        try:
-            for s in range(0, len(rows), batch_size):
-                part = rows[s:s + batch_size]
-                batch = self._to(model, self.collate(part, pad_id))
-                batch.pop("ref_logps", None)
-                out, sc = self.forward(model, batch, ref_model)
-                for k, v in self._sums(out, sc).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                mean = (sc["logps"] / sc["lengths"].clamp(min=1)).tolist()
-                for r, m in zip(part, mean):
-                    means.setdefault(r["where"], {})[r["label"]] = m
-        finally:
-            model.train(was)
+        for part, batch in self._eval_batches(model, rows, pad_id, batch_size, max_examples):
+            out, sc = self.forward(model, batch, ref_model)
+            for k, v in self._sums(out, sc).items():
+                sums[k] = sums.get(k, 0.0) + v
+            for r, m in zip(part, (sc["logps"] / sc["lengths"].clamp(min=1)).tolist()):
+                means.setdefault(r["where"], {})[r["label"]] = m
         ev = {f"eval_{k}": v for k, v in self.summarize(sums, sums["pairs"], 0).items()}
         pairs = [d for d in means.values() if len(d) == 2]
         ev["eval_pref_accuracy"] = sum(d[True] > d[False] for d in pairs) / len(pairs) if pairs else None
