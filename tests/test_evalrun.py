@@ -98,7 +98,8 @@ def test_second_eval_reads_base_answers_from_the_cache(trained_run, tmp_path, mo
 
     calls = []
     real = base_vs_tuned.generate_many
-    monkeypatch.setattr(base_vs_tuned, "generate_many", lambda m, t, chats, *a: calls.append(len(chats)) or real(m, t, chats, *a))
+    monkeypatch.setattr(base_vs_tuned, "generate_many",
+                        lambda m, t, chats, *a, **k: calls.append(len(chats)) or real(m, t, chats, *a, **k))
     again = evaluate_run(trained_run, max_prompts=2, out=str(tmp_path / "b.json"), log=lambda m: None, ifeval="")
     assert again["generation"]["base_cached"] and calls == [2]  # only the tuned side was generated
     assert again["samples"] == first["samples"] and again["heldout"] == first["heldout"]

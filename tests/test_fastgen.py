@@ -124,3 +124,31 @@ def test_settings_from_config_and_overrides():
     s = settings_from(EvalCfg(top_k=5), max_new_tokens=7, top_p=None, repetition_penalty=1.3)
     assert (s.max_new_tokens, s.top_k, s.top_p, s.repetition_penalty, s.temperature) == (7, 5, 1.0, 1.3, 0.0)
     assert not s.sample and GenSettings(temperature=0.5).sample
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_base_and_tuned_rows_in_one_batch_equal_the_separate_paths(tmp_path, tiny_dir, method, gen_cache):
+    """answer_both: base rows (adapter off) and tuned rows share batches and give what the base
+    alone and the tuned model alone give, greedy and sampled (seed + position on both sides)."""
+    from slimtune.evaluate.base_vs_tuned import BaseVsTuned
+    from slimtune.fastgen import can_mix
+
+    run = make_run(tmp_path, tiny_dir, method)
+    pair = BaseVsTuned(run)
+    assert can_mix(pair.model) == (method == "lora")  # DoRA: PEFT has no mixed batch; the separate paths run
+    for s in (GenSettings(max_new_tokens=10), GenSettings(max_new_tokens=10, temperature=0.9, top_k=20, seed=3)):
+        with pair.base() as base:
+            want_base = [generate(base, pair.tok, c, 10, s.temperature, seed=s.seed + i, top_k=s.top_k)["text"]
+                         for i, c in enumerate(CHATS)]
+        want_tuned = [generate(pair.model, pair.tok, c, 10, s.temperature, seed=s.seed + i, top_k=s.top_k)["text"]
+                      for i, c in enumerate(CHATS)]
+        assert want_base != want_tuned  # the adapter changes answers: a swapped side would show
+        base, tuned = pair.answer_both(CHATS, s, batch_size=5, use_cache=False)
+        assert [a["text"] for a in base] == want_base and [a["text"] for a in tuned] == want_tuned
+    # half the base answers cached: the other half is generated beside the tuned rows
+    s = GenSettings(max_new_tokens=10)
+    pair.answer_base(CHATS[:4], s, 4)
+    base, tuned = pair.answer_both(CHATS, s, batch_size=16)
+    assert [bool(a.get("cached")) for a in base] == [True] * 4 + [False] * 4
+    assert [a["text"] for a in base][:4] == [a["text"] for a in pair.answer_base(CHATS[:4], s, 4)]
+    assert [a["text"] for a in base] == [a["text"] for a in pair.answer_base(CHATS, s, 4, use_cache=False)]

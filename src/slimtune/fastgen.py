@@ -11,7 +11,10 @@ alone; greedy answers equal `generate.generate`'s up to float rounding (a test p
 
 Adapters that can be merged (LoRA, rsLoRA, DoRA, IA3) are merged into the weights for the
 duration (`merged`) and unmerged after; prompt and prefix tuning generate through PEFT's own
-`generate` (batched, without dropping finished rows).
+`generate` (batched, without dropping finished rows). With `adapter_on`, a LoRA model answers
+base rows (adapter off) and tuned rows in the same batches: on a CPU a decoding step's cost is
+mostly fixed (the weights are read, ~30 layers of small ops run), so one stream of 48 rows
+takes far less than two of 24.
 
 Sampling is per prompt: prompt i of a call draws from its own generator seeded with seed + i, so an
 answer does not depend on which other prompts share its batch (and equals the unbatched
@@ -85,24 +88,46 @@ def merged(model):
         model.unmerge_adapter()
 
 
+def can_mix(model) -> bool:
+    """True for a PEFT LoRA / rsLoRA / QLoRA model: one batch can hold rows with the adapter and
+    rows without it (PEFT's `adapter_names`), so base and tuned answers are generated together.
+    PEFT refuses that for DoRA (and IA3 and prompt learning have no such path)."""
+    cfg = getattr(model, "peft_config", None)
+    return bool(cfg) and all(str(c.peft_type).split(".")[-1] == "LORA" and not getattr(c, "use_dora", False)
+                             for c in cfg.values())
+
+
 def is_prompt_learning(model) -> bool:
     cfg = getattr(model, "peft_config", None)
     return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
 
 
 def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings = GenSettings(),
-                  batch_size: int = 16, log=None) -> list[dict]:
+                  batch_size: int = 32, log=None, adapter_on: list[bool] | None = None,
+                  seeds: list[int] | None = None) -> list[dict]:
     """Answer every chat (each ending with a user turn); answers in the order of `chats`.
 
     Returns [{text, n_tokens, ended, seconds}] as `generate.generate` does, except that `seconds`
     is the answer's share of its batch's wall time (by tokens): summed over answers it is the
     wall time, so tokens / seconds is the batch throughput. `log(done, total)` after each batch.
+
+    adapter_on (a `can_mix` model, unmerged): per chat, whether its row runs with the adapter
+    (tuned) or without it (base); both kinds share batches. A decoding step costs nearly the same
+    for 24 rows as for 48 on a CPU, so base and tuned answers together take little more than one
+    side alone. seeds: per chat sampling seed (default settings.seed + its position).
     """
     from .data.render import render_prompt
     from .generate import stop_ids
 
     if not chats:
         return []
+    if adapter_on is not None and not can_mix(model):
+        raise ValueError("adapter_on needs an unmerged PEFT LoRA model")
+    names = None
+    if adapter_on is not None:
+        name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+        names = [name if on else "__base__" for on in adapter_on]  # PEFT's name for "no adapter"
+    seeds = seeds if seeds is not None else [settings.seed + i for i in range(len(chats))]
     prompts = [render_prompt(c, tokenizer) for c in chats]
     stops = stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -117,8 +142,8 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
             if is_prompt_learning(model):
                 rows = _peft_generate(model, [prompts[i] for i in idx], settings, stops, pad)
             else:
-                rows = _decode(_net(model), [prompts[i] for i in idx], settings, [settings.seed + i for i in idx],
-                               stops, pad)
+                rows = _decode(_net(model) if names is None else model, [prompts[i] for i in idx], settings,
+                               [seeds[i] for i in idx], stops, pad, None if names is None else [names[i] for i in idx])
             seconds = time.perf_counter() - t0
             total = max(1, sum(len(r) for r in rows))
             for i, new in zip(idx, rows):
@@ -168,16 +193,19 @@ def processors(s: GenSettings):
 
 @torch.no_grad()
 def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], stops: list[int],
-            pad: int) -> list[list[int]]:
-    """New token ids per prompt (the stop token included when it ended), KV-cached, finished rows dropped."""
+            pad: int, names: list[str] | None = None) -> list[list[int]]:
+    """New token ids per prompt (the stop token included when it ended), KV-cached, finished rows
+    dropped. names: per row, the PEFT adapter it runs with ("__base__": none); `net` is then the
+    PEFT model."""
     from transformers import DynamicCache
 
     device = next(net.parameters()).device
     ids, mask = _left_pad(prompts, pad, device)  # (B, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)     # real tokens count from 0, as they would alone
     cache = DynamicCache()
+    mix = {"adapter_names": names} if names is not None else {}
     logits = net(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+                 use_cache=True, logits_to_keep=1, **mix).logits[:, -1].float()  # (B, V)
     procs = processors(s)
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds] if s.sample else None
     seqs = [list(p) for p in prompts]            # per-row history, unpadded, for the processors
@@ -201,9 +229,11 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
             cache.batch_select_indices(k)
             mask, tokens, next_pos = mask[k], tokens[k], next_pos[k]
             alive = [alive[b] for b in keep]
+            if names is not None:
+                mix = {"adapter_names": [names[r] for r in alive]}
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         logits = net(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                     past_key_values=cache, use_cache=True).logits[:, -1].float()
+                     past_key_values=cache, use_cache=True, **mix).logits[:, -1].float()
         next_pos = next_pos + 1
     return new
 

@@ -3,6 +3,7 @@
     run folder --load_run--> tuned model (adapter merged while it answers)
                --as_base--> base (adapter switched off; a second model only for a full fine-tune)
     base answers --cached on disk per (base model files, dtype, settings, prompt)--> reused
+    missing base answers + tuned answers --one stream of batches (LoRA family)--> both sides
 
 The base of a run never changes, so its answers are computed once per prompt and settings and
 kept in <cache>/gen/ (models.cache_dir()); `slimtune eval`, `compare` and `report` of every run on
@@ -18,7 +19,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fastgen import GenSettings, generate_many, merged
+from ..fastgen import GenSettings, can_mix, generate_many, merged
 
 CACHE_VERSION = 1  # bump when generation changes what an answer is
 
@@ -81,6 +82,31 @@ class BaseVsTuned:
         elif log:
             log(len(chats), len(chats))
         return found
+
+    def answer_both(self, chats, settings: GenSettings, batch_size: int = 32, use_cache: bool = True,
+                    log=None) -> tuple[list[dict], list[dict]]:
+        """(base answers, tuned answers). Base answers come from the cache where they can; the
+        missing ones share batches with the tuned ones when the adapter allows (fastgen.can_mix),
+        which costs little more than the tuned side alone. Sampled answers use seed + position,
+        as `answer_base` and `answer_tuned` do."""
+        if not self.is_run:
+            raise ValueError(f"{self.run} is a plain model: it has no base")
+        cache = AnswerCache(self.cfg.model.name, self.dtype, settings, self.tok, self.model) if use_cache else None
+        found = cache.get(chats) if cache else [None] * len(chats)
+        todo = [i for i, a in enumerate(found) if a is None]
+        if not todo or not can_mix(self.model):  # nothing to share a batch with, or a method that cannot
+            base = self.answer_base(chats, settings, batch_size, use_cache, log)
+            return base, self.answer_tuned(chats, settings, batch_size, log)
+        both = [chats[i] for i in todo] + list(chats)
+        out = generate_many(self.model, self.tok, both, settings, batch_size, log,
+                            adapter_on=[False] * len(todo) + [True] * len(chats),
+                            seeds=[settings.seed + i for i in todo] + [settings.seed + i for i in range(len(chats))])
+        fresh, tuned = out[:len(todo)], out[len(todo):]
+        for i, a in zip(todo, fresh):
+            found[i] = a
+        if cache:
+            cache.put([chats[i] for i in todo], todo, fresh)
+        return found, tuned
 
     def _base_generate(self, chats, settings, positions, batch_size, log):
         if not settings.sample or positions == list(range(len(positions))):

@@ -102,8 +102,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
     cfg = pair.cfg
     chats = load_prompts(PROMPTS, n, cfg.data.system_prompt)
     settings = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens)
-    based = pair.answer_base(chats, settings, cfg.eval.gen_batch_size)
-    tuned = pair.answer_tuned(chats, settings, cfg.eval.gen_batch_size)
+    based, tuned = pair.answer_both(chats, settings, cfg.eval.gen_batch_size)
     return ([{"prompt": last_user(c), "base": b["text"], "tuned": t["text"]} for c, b, t in zip(chats, based, tuned)],
             "generated for this report (greedy)")
 

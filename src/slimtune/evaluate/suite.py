@@ -162,10 +162,9 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     everything = chats + if_chats  # one stream of batches: eval prompts and IFEval prompts together
     gb = cfg.eval.gen_batch_size
     t1 = time.perf_counter()
-    base_all = pair.answer_base(everything, settings, gb, use_cache, _counter(f"answering {len(everything)} (base) "))
+    base_all, tuned_all = pair.answer_both(everything, settings, gb, use_cache,
+                                           _counter(f"answering {len(everything)} prompts (base and tuned)"))
     t2 = time.perf_counter()
-    tuned_all = pair.answer_tuned(everything, settings, gb, _counter(f"answering {len(everything)} (tuned)"))
-    t3 = time.perf_counter()
     n = len(chats)
     sides = {"base": base_all, "tuned": tuned_all}
     banned = list(cfg.eval.banned_phrases)
@@ -191,8 +190,8 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
         for row, v in zip(rows, verdicts["per_sample"]):
             row["judge"] = v
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["timing"] = {"heldout_s": round(t_heldout, 1), "base_answers_s": round(t2 - t1, 1),
-                        "tuned_answers_s": round(t3 - t2, 1), "answers": len(everything)}
+    result["timing"] = {"heldout_s": round(t_heldout, 1), "answers_s": round(t2 - t1, 1),
+                        "answers": len(everything), "base_cached": generation["base_cached"]}
     path = Path(out) if out else Path(run) / "eval.json"
     atomic_write_json(path, result)
     samples_path = path.with_name("eval_samples.jsonl") if path.name == "eval.json" \
