@@ -160,16 +160,25 @@ def write_results(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
     lines = ["| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     lines += [f"| {i} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for i, r in enumerate(rows, 1)]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    plot_fronts(rows, out / "results.png")
+
+
+FRONTS = (("eval_kl", "KL(base || tuned) per held-out token", "loss vs drift from the base"),
+          ("trainable", "trainable parameters", "loss vs trainable parameters"))
+
+
+def plot_fronts(rows: list[dict], path: Path, fronts=FRONTS, ylabel: str = "held-out loss") -> None:
+    """One panel per (x key, x label, title): each run's held-out loss against x, its Pareto front
+    in red, runs named; a parameter-count axis is logarithmic. Nothing without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, x, label in ((axes[0], "eval_kl", "KL(base || tuned) per held-out token"),
-                         (axes[1], "trainable", "trainable parameters")):
-        pts = [r for r in rows if r["eval_loss"] is not None and r.get(x) is not None]
+    fig, axes = plt.subplots(1, len(fronts), figsize=(6.5 * len(fronts), 5), squeeze=False)
+    for ax, (x, label, title) in zip(axes[0], fronts):
+        pts = [r for r in rows if r.get("eval_loss") is not None and r.get(x) is not None]
         if not pts:
             continue
         ax.scatter([r[x] for r in pts], [r["eval_loss"] for r in pts], c="tab:blue")
@@ -178,12 +187,11 @@ def write_results(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
         for r in pts:
             ax.annotate(r["run"], (r[x], r["eval_loss"]), fontsize=7)
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend()
         if x == "trainable":
             ax.set_xscale("log")
-    axes[0].set_title("loss vs drift from the base")
-    axes[1].set_title("loss vs trainable parameters")
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
