@@ -138,6 +138,43 @@ def _lora_key(name: str) -> str:
     return name[name.find("layers."):] if "layers." in name else name
 
 
+def train_trl_timed(trainer, steps: int, trained_tokens) -> dict:
+    """Train a TRL trainer, timing each optimizer step and counting the tokens each batch trains
+    (`trained_tokens(batch) -> int`, read from the collated batch). Returns tokens and seconds of
+    the first `steps` steps, peak RSS, their losses, step_tokens and step_s."""
+    from transformers import TrainerCallback
+
+    counts: list[int] = []
+    inner = trainer.data_collator
+
+    def counting(features):
+        batch = inner(features)
+        counts.append(int(trained_tokens(batch)))
+        return batch
+
+    trainer.data_collator = counting
+    marks: list[float] = []
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            marks.append(time.perf_counter())
+
+    trainer.add_callback(Timing())
+    trainer.train()
+    peak = peak_rss_mb()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:steps]
+    return {"tokens": sum(counts[:steps]), "train_s": marks[steps] - marks[0], "peak_rss_mb": round(peak, 1),
+            "losses": losses, "step_tokens": counts[:steps], "step_s": diffs([m - marks[0] for m in marks[1:steps + 1]])}
+
+
+def diffs(cumulative: list[float]) -> list[float]:
+    """Per-step values from running totals."""
+    return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
+
+
 def peak_rss_mb() -> float:
     """ru_maxrss of this process and of any children it waited for, in MiB."""
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -73,14 +73,14 @@ def run_slimtune(spec: dict) -> dict:
     rows = [r for r in rows if "lr" in r]
     return {"tokens": summary["time"]["trained_tokens"], "train_s": rows[-1]["elapsed_s"],
             "peak_rss_mb": round(peak, 1), "losses": [r["loss"] for r in rows],
-            "step_s": _diffs([r["elapsed_s"] for r in rows])}
+            "step_s": common.diffs([r["elapsed_s"] for r in rows])}
 
 
 def run_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from slimtune.methods import target_modules
@@ -106,35 +106,7 @@ def run_trl(spec: dict) -> dict:
                          peft_config=lora)
     trainer.train_dataset = Dataset.from_list(ids)
     common.reinit_lora(trainer.model)
-    counts: list[int] = []
-    inner = trainer.data_collator
-
-    def counting(features):
-        batch = inner(features)
-        counts.append(int(batch["completion_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting
-    marks: list[float] = []
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            marks.append(time.perf_counter())
-
-    trainer.add_callback(Timing())
-    trainer.train()
-    peak = common.peak_rss_mb()
-    n = spec["steps"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:n]
-    return {"tokens": sum(counts[:n]), "train_s": marks[n] - marks[0], "peak_rss_mb": round(peak, 1),
-            "losses": losses, "step_s": _diffs([m - marks[0] for m in marks[1:n + 1]])}
-
-
-def _diffs(cumulative: list[float]) -> list[float]:
-    return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
+    return common.train_trl_timed(trainer, spec["steps"], lambda batch: batch["completion_mask"].sum())
 
 
 def run(spec: dict) -> dict:

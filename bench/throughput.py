@@ -122,8 +122,8 @@ def run_slimtune(spec: dict) -> dict:
     rows = [r for r in rows if "loss" in r]
     t = summary["time"]
     return {"tokens": t["trained_tokens"], "train_s": rows[-1]["elapsed_s"], "peak_rss_mb": round(peak, 1),
-            "losses": [r["loss"] for r in rows], "step_tokens": _diffs([r["tokens"] for r in rows]),
-            "step_s": _diffs([r["elapsed_s"] for r in rows]),
+            "losses": [r["loss"] for r in rows], "step_tokens": common.diffs([r["tokens"] for r in rows]),
+            "step_s": common.diffs([r["elapsed_s"] for r in rows]),
             "heldout": common.heldout_loss(spec["model_dir"], run_dir, spec["data"]["eval"])}
 
 
@@ -131,7 +131,7 @@ def run_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from slimtune.methods import target_modules
@@ -160,34 +160,10 @@ def run_trl(spec: dict) -> dict:
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
                   peft_config=lora)
     common.reinit_lora(trainer.model)
-    counts: list[int] = []
-    inner = trainer.data_collator
-
-    def counting(features):
-        batch = inner(features)
-        counts.append(int((batch["labels"][:, 1:] != -100).sum()))
-        return batch
-
-    trainer.data_collator = counting
-    marks: list[float] = []
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            marks.append(time.perf_counter())
-
-    trainer.add_callback(Timing())
-    trainer.train()
-    peak = common.peak_rss_mb()
-    n = spec["steps"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:n]
+    out = common.train_trl_timed(trainer, spec["steps"], lambda batch: (batch["labels"][:, 1:] != -100).sum())
     adapter = str(Path(spec["tmp"]) / "adapter")
     trainer.model.save_pretrained(adapter)
-    return {"tokens": sum(counts[:n]), "train_s": marks[n] - marks[0], "peak_rss_mb": round(peak, 1),
-            "losses": losses, "step_tokens": counts[:n], "step_s": _diffs([m - marks[0] for m in marks[1:n + 1]]),
-            "heldout": common.heldout_loss(spec["model_dir"], adapter, spec["data"]["eval"])}
+    return {**out, "heldout": common.heldout_loss(spec["model_dir"], adapter, spec["data"]["eval"])}
 
 
 def _plain_loss_trainer():
@@ -203,11 +179,6 @@ def _plain_loss_trainer():
             return (out.loss, out) if return_outputs else out.loss
 
     return PlainLoss
-
-
-def _diffs(cumulative: list[float]) -> list[float]:
-    """Per-step values from running totals."""
-    return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
 
 
 def run(spec: dict) -> dict:
