@@ -1,5 +1,6 @@
 """Configs: defaults live in the dataclasses; YAML and key=value override; bad input fails early."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
 def test_shipped_configs_are_found():
     names = {p.stem for p in CONFIGS}
     assert {"quickstart", "kl_sft", "dora", "full", "ia3", "qlora"} <= names, names
+
+
+def test_presets_say_what_they_reached():
+    """The study's three presets exist and each states the held-out loss and KL it reached."""
+    presets = {p.stem: p.read_text() for p in CONFIGS if p.parent.name == "presets"}
+    assert set(presets) == {"best_quality", "best_efficiency", "most_surgical"}
+    for name, text in presets.items():
+        head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+        assert re.search(r"held-out loss \d\.\d+ -> \d\.\d+", head), name
+        assert re.search(r"KL to base \d\.\d+", head) and "docs/study.md" in head, name
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
