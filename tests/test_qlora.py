@@ -99,3 +99,19 @@ def test_chat_answers_greedily(qlora_run):
     msgs = [{"role": "user", "content": "hello how are you"}]
     a = generate(model, tok, msgs, max_new_tokens=8)
     assert a["n_tokens"] > 0 and a["text"] == generate(model, tok, msgs, max_new_tokens=8)["text"]
+
+
+def test_eval_answers_base_and_tuned_in_one_batch(qlora_run, gen_cache):
+    """QLoRA's 4-bit LoRA layers take base rows and tuned rows in one batch (fastgen.can_mix):
+    the same greedy answers as the adapter switched off and on, one prompt at a time."""
+    from slimtune.evaluate.base_vs_tuned import BaseVsTuned
+    from slimtune.fastgen import GenSettings, can_mix
+    from slimtune.generate import generate
+
+    pair = BaseVsTuned(str(qlora_run["run"]))
+    assert can_mix(pair.model)
+    chats = [[{"role": "user", "content": t}] for t in ("hello how are you", "a b c", "tell me more please")]
+    base, tuned = pair.answer_both(chats, GenSettings(max_new_tokens=6), batch_size=8, use_cache=False)
+    with pair.base() as b:
+        assert [a["text"] for a in base] == [generate(b, pair.tok, c, 6)["text"] for c in chats]
+    assert [a["text"] for a in tuned] == [generate(pair.model, pair.tok, c, 6)["text"] for c in chats]

@@ -80,3 +80,20 @@ def test_incomplete_or_missing_run_is_a_clear_error(tmp_path, tiny_dir):
         load_run(str(empty))
     with pytest.raises(SlimtuneError, match="not a run folder"):
         load_run(str(tmp_path / "nowhere" / "run"))
+
+
+def test_peak_rss_restarts_per_run():
+    """A sweep trains many runs in one process: each reports its own peak, not the process's."""
+    import sys
+
+    import numpy as np
+
+    from slimtune.utils import peak_rss_mb, reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the high-water mark is reset through /proc (Linux)")
+    big = np.ones(40_000_000)  # 305 MiB
+    high = peak_rss_mb()
+    del big
+    reset_peak_rss()
+    assert peak_rss_mb() < high - 200

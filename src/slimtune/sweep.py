@@ -113,7 +113,7 @@ def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | N
             train(cfg, log=log)
         if evaluate and not (run_dir / "eval.json").exists():
             from .evaluate.suite import evaluate_run
-            evaluate_run(str(run_dir), log=log, heldout=False)
+            evaluate_run(str(run_dir), log=log, with_heldout=False)
         rows.append(result_row(run_dir, name, combo))
     write_results(rows, out, keys)
     return rows

@@ -82,9 +82,27 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
+    """Peak resident memory of this process in MiB since the last `reset_peak_rss()`: Linux's
+    VmHWM, else ru_maxrss (the whole life of the process; KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak for `peak_rss_mb` (Linux: the high-water mark is reset through
+    /proc/self/clear_refs), so runs in one process (a sweep) each report their own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's whole life
 
 
 def quiet_libraries() -> None:

@@ -95,11 +95,11 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
                  judge: str | None = None, judge_model: str | None = None, use_cache: bool = True,
-                 heldout: bool = True, **knobs) -> dict:
+                 with_heldout: bool = True, **knobs) -> dict:
     """Evaluate a run folder against its base; writes the result JSON and RUN/eval_samples.jsonl
     (beside `out`) and returns the result (see module doc).
 
-    heldout=False skips the held-out loss and KL (a sweep reads them from each run's summary, where
+    with_heldout=False skips the held-out loss and KL (a sweep reads them from each run's summary, where
     training's final evaluation put them).
     ifeval: IFEval-style prompts (default: the run's eval.ifeval; "" skips them). judge: an
     OpenAI-compatible URL that picks the better of base / tuned per prompt (off by default).
@@ -110,10 +110,10 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     from ..generate import last_user, load_prompts
     from ..runfolder import run_kind
     from .base_vs_tuned import BaseVsTuned
-    from .heldout import heldout_metrics
     from ..methods import method_of
-    from .states import base_states
+    from .heldout import heldout_metrics
     from .ifeval import ifeval_metrics, load_ifeval
+    from .states import base_states
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
     from ..train.preference import is_preference
 
-    if not heldout:
+    if not with_heldout:
         examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
     elif is_preference(cfg.loss.objective):
         heldout, general = preference_heldout(model, tok, cfg, ref, data, n_max, log)

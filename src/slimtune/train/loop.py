@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..evaluate.heldout import heldout_metrics
 from ..evaluate.states import base_states
 from ..methods import apply_method, method_of, trainable_report
-from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, seed_everything
+from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, reset_peak_rss, seed_everything
 from . import distributed
 from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -131,6 +131,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     from ..models import load_model, load_tokenizer, model_info, resolve_model
 
     quiet_libraries()
+    reset_peak_rss()  # this run's own peak, also when a sweep runs several in one process
     timer = Timer()
     tc = cfg.train
     if tc.num_threads:
