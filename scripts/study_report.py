@@ -47,7 +47,7 @@ def rows_of(runs: Path, sweep: Path) -> list[dict]:
                 row.update({f"{side}_{k}": g[side].get(k) for k in GEN})
         lc = folder / "layer_choice.json"
         if lc.exists():
-            row["layers"] = json.loads(lc.read_text()).get("layers")
+            row["layers"] = json.loads(lc.read_text()).get("chosen")
         rows.append(row)
     comparable = [r for r in rows if r["same_heldout"]]
     fronts = {"kl": pareto(comparable, "general_kl"), "params": pareto(comparable, "trainable")}
