@@ -63,8 +63,9 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (not r["same_heldout"], r["eval_loss"])):
         delta = f"{r['eval_loss'] - base['eval_loss']:+.4f}" if base and r["same_heldout"] else "other data"
+        change = "(the quickstart)" if r["factor"] == "base" else f"{r['factor']}={r['value']}"
         lines.append(
-            f"| {r['run']} | {r['factor']}={r['value']} | {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} "
+            f"| {r['run']} | {change} | {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} "
             f"| {delta} | {r['eval_kl']:.4f} | {r['general_kl']:.4f} | {r['trainable']:,} | {r['adapter_mb']:.2f} "
             f"| {r['s_per_step']:.2f} | {r['trained_tokens_per_s']:.0f} | {r['peak_rss_mb']:,.0f} "
             f"| {_pct(r.get('tuned_list_share'))} | {_pct(r.get('tuned_loop_share'))} "
