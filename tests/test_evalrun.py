@@ -102,10 +102,43 @@ def test_second_eval_reads_base_answers_from_the_cache(trained_run, tmp_path, mo
                         lambda m, t, chats, *a, **k: calls.append(len(chats)) or real(m, t, chats, *a, **k))
     again = evaluate_run(trained_run, max_prompts=2, out=str(tmp_path / "b.json"), log=lambda m: None, ifeval="")
     assert again["generation"]["base_cached"] and calls == [2]  # only the tuned side was generated
+    assert again["generation"]["base"]["tokens_per_s"] is None and again["generation"]["tuned"]["tokens_per_s"] > 0
     assert again["samples"] == first["samples"] and again["heldout"] == first["heldout"]
     other = evaluate_run(trained_run, max_prompts=2, out=str(tmp_path / "c.json"), log=lambda m: None, ifeval="",
                          repetition_penalty=1.5)
     assert not other["generation"]["base_cached"] and other["generation"]["repetition_penalty"] == 1.5
+
+
+def test_held_out_numbers_from_training_equal_a_new_measurement(tmp_path, tiny_dir, monkeypatch):
+    """Training's final evaluation stands in for eval's held-out pass only while the weights are the
+    ones it measured; the numbers equal measuring again (merged vs unmerged: float rounding)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tiny_train(tmp_path, tiny_dir)
+    summary = json.loads(open(f"{run}/summary.json").read())
+    kw = dict(max_prompts=1, log=lambda m: None, ifeval="")
+    reused = evaluate_run(run, out=str(tmp_path / "a.json"), **kw)["heldout"]
+    fresh = evaluate_run(run, out=str(tmp_path / "b.json"), reuse=False, **kw)["heldout"]
+    assert reused["from_training"]["weights_sha256"] == summary["final_eval"]["weights_sha256"]
+    assert "from_training" not in fresh and reused["tokens"] == fresh["tokens"]
+    assert reused["tuned"]["loss"] == summary["after"]["eval_loss"] and reused["tuned"]["loss"] != fresh["base"]["loss"]
+    for got, want in [(reused["tuned"]["loss"], fresh["tuned"]["loss"]), (reused["base"]["loss"], fresh["base"]["loss"]),
+                      (reused["kl_to_base"], fresh["kl_to_base"]), (reused["general_kl"], fresh["general_kl"])]:
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # other weights in the run folder (say, a checkpoint copied over it): measured again, and they differ
+    path = f"{run}/adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, path)
+    changed = evaluate_run(run, out=str(tmp_path / "c.json"), **kw)["heldout"]
+    assert "from_training" not in changed and changed["kl_to_base"] > 1.5 * fresh["kl_to_base"]
+    assert changed["base"]["loss"] == pytest.approx(fresh["base"]["loss"], rel=1e-5)
+    # the weights training measured, but no base states on disk (a cleared cache): measured again
+    save_file(weights, path)
+    monkeypatch.setenv("SLIMTUNE_STATES_CACHE", str(tmp_path / "empty-states"))
+    again = evaluate_run(run, out=str(tmp_path / "d.json"), **kw)["heldout"]
+    assert "from_training" not in again
+    assert again["base"]["loss"] == pytest.approx(fresh["base"]["loss"], rel=1e-5)
+    assert again["kl_to_base"] == pytest.approx(fresh["kl_to_base"], rel=1e-4)
 
 
 def test_eval_with_own_data_and_prompts(trained_run, tmp_path):
@@ -142,6 +175,10 @@ def test_style_metrics():
     assert m["banned_share"] == 0.5 and m["banned_hits"] == 3 and m["banned_by_phrase"] == {"As an AI": 2, "I'm sorry": 1}
     assert m["stray_tag_share"] == 0.75 and m["stray_tags"]["<|im_start|>"] == 1
     assert m["mean_tokens"] == 10 and m["ended_share"] == 0.75 and m["tokens_per_s"] == 10
+    # answers read from the cache took no time now: throughput counts the generated ones only
+    answers[0]["cached"] = True
+    assert style_metrics(answers)["tokens_per_s"] == 20 / 3 and style_metrics(answers)["mean_tokens"] == 10
+    assert style_metrics([dict(a, cached=True) for a in answers])["tokens_per_s"] is None
     assert has_list("2) two") and not has_list("**bold**") and has_heading("Title\n=====")
     assert not has_code_block("```never closed") and banned_hits("I CANNOT", ["I cannot"]) == {"I cannot": 1}
     assert stray_tags("assistant\nHello") == ["assistant"] and stray_tags("The user: asked") == []

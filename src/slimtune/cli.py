@@ -288,6 +288,9 @@ def add_eval(sub):
     p.add_argument("--judge-model", metavar="NAME", help="model name to send to the judge")
     p.add_argument("--no-cache", action="store_true", help="generate the base's answers again instead of "
                                                           "reading them from the cache")
+    p.add_argument("--recompute", action="store_true",
+                   help="measure the held-out loss and KL again even where training's final evaluation "
+                        "measured these same weights the same way (default: reuse those numbers)")
     add_knobs(p)
     p.set_defaults(func=cmd_eval)
 
@@ -298,7 +301,7 @@ def cmd_eval(args):
     res = evaluate_run(args.run, data=args.data, prompts=args.prompts, out=args.out, max_prompts=args.max_prompts,
                        max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype,
                        ifeval=args.ifeval, judge=args.judge, judge_model=args.judge_model,
-                       use_cache=not args.no_cache, **knobs(args))
+                       use_cache=not args.no_cache, reuse=not args.recompute, **knobs(args))
     print(format_table(res))
 
 

@@ -38,6 +38,25 @@ def run_kind(path: str | Path) -> str | None:
                         f"(model.safetensors): the run did not finish{hint}")
 
 
+def weights_digest(path: str | Path) -> str | None:
+    """sha256 over the run's weight files (adapter_model.safetensors, or model*.safetensors), in name
+    order; None if there are none. It tells `slimtune eval` whether training's final evaluation
+    measured exactly these weights."""
+    import hashlib
+
+    p = Path(path)
+    files = [p / "adapter_model.safetensors"] if (p / "adapter_model.safetensors").is_file() \
+        else sorted(p.glob("model*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def read_config(path: str | Path) -> Config:
     """A run's resolved config.yaml as a Config."""
     return load_config(path)

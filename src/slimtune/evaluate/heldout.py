@@ -45,9 +45,7 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     n = 0
     cache = ref_cache if ref_cache is not None else {}
     try:
-        groups = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
-        batches = [collate([examples[i] for i in idx], pad_id) for idx in groups]
-        keys = [batch_key(batch, repr(term)) for batch in batches]
+        batches, keys = _batches(examples, pad_id, batch_size, term)
         if kl:  # the base first, adapters off (before any merge)
             for key, batch in zip(keys, batches):
                 if key not in cache:
@@ -61,12 +59,8 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
                 ce += float(out.ce_sum)
                 kl_sum += float(out.kl_sum)
                 n += out.n_tokens
-        if kl and base_loss:  # metric KL positions are the trained ones: the cache rows are the targets
-            head = output_layer(ref_model if ref_model is not None else model)
-            for key, batch in zip(keys, batches):
-                targets = batch["labels"][:, 1:]
-                base_ce += float(chunked_loss(cache[key], head.weight, targets[targets != IGNORE], normaliser=1.0,
-                                              chunk_size=chunk, **head.kwargs()).ce_sum)
+        if kl and base_loss:
+            base_ce = _base_ce(model, ref_model, batches, keys, cache, chunk)
     finally:
         model.train(was_training)
     loss = ce / max(1, n)
@@ -77,3 +71,38 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
             res["base_loss"] = base_ce / max(1, n)
             res["base_ppl"] = math.exp(min(res["base_loss"], 50))
     return res
+
+
+def _batches(examples: list[dict], pad_id: int, batch_size: int, term) -> tuple[list[dict], list[str]]:
+    """The evaluation batches of `examples` and their cache keys (the same for training and eval)."""
+    groups = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed=0)
+    batches = [collate([examples[i] for i in idx], pad_id) for idx in groups]
+    return batches, [batch_key(batch, repr(term)) for batch in batches]
+
+
+def _base_ce(model, ref_model, batches, keys, cache, chunk: int) -> float:
+    """Summed CE of the base over the trained tokens, from its cached hidden states (the metric KL's
+    positions are the trained ones, so the cache rows line up with the targets)."""
+    head = output_layer(ref_model if ref_model is not None else model)
+    total = 0.0
+    for key, batch in zip(keys, batches):
+        targets = batch["labels"][:, 1:]
+        total += float(chunked_loss(cache[key], head.weight, targets[targets != IGNORE], normaliser=1.0,
+                                    chunk_size=chunk, **head.kwargs()).ce_sum)
+    return total
+
+
+@torch.inference_mode()
+def base_loss_from_states(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg | None, batch_size: int,
+                          max_examples: int | None, cache, ref_model=None) -> dict | None:
+    """The base's held-out loss and perplexity from hidden states a previous evaluation stored in
+    `cache` (training's, for `slimtune eval`), with no forward pass; None if any batch is missing."""
+    examples = examples[:max_examples] if max_examples else examples
+    if not examples:
+        return None
+    batches, keys = _batches(examples, pad_id, batch_size, KLTerm.metric())
+    if not all(key in cache for key in keys):
+        return None
+    n = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    loss = _base_ce(model, ref_model, batches, keys, cache, (loss_cfg or LossCfg()).chunk_size) / max(1, n)
+    return {"base_loss": loss, "base_ppl": math.exp(min(loss, 50)), "tokens": n}

@@ -61,7 +61,9 @@ def style_metrics(answers: list[dict], banned_phrases: list[str] = ()) -> dict:
     strays = [stray_tags(t) for t in texts]
     tags = Counter(tag for s in strays for tag in s)
     tokens = sum(a["n_tokens"] for a in answers)
-    seconds = sum(a["seconds"] for a in answers)
+    # throughput of what was generated now: an answer read from the cache took no time here
+    fresh = [a for a in answers if not a.get("cached")]
+    seconds = sum(a["seconds"] for a in fresh)
     return {
         "answers": n,
         "list_share": share(map(has_list, texts)),
@@ -74,5 +76,5 @@ def style_metrics(answers: list[dict], banned_phrases: list[str] = ()) -> dict:
         "stray_tags": dict(tags.most_common(10)),
         "mean_tokens": tokens / n,
         "ended_share": share(a["ended"] for a in answers),
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "tokens_per_s": sum(a["n_tokens"] for a in fresh) / seconds if seconds > 0 else None,
     }

@@ -49,6 +49,45 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     return prepared.val, general, source
 
 
+def training_heldout(pair, examples: list[dict], general: list[dict], states, n_max: int | None,
+                     dtype: str) -> dict | None:
+    """The held-out section from training's final evaluation, or None when it cannot stand for a new
+    measurement: the run's own split (not --data), the weights file unchanged since (sha256), the
+    same dtype, device type, example count and batch size, no autocast, and the base's states for
+    those batches on disk (they give the base's loss without a forward pass).
+
+    Equal to measuring again up to float rounding: training evaluated with the adapter unmerged,
+    `slimtune eval` merges it (tests/test_evalrun.py compares the two)."""
+    from ..runfolder import weights_digest
+    from .heldout import base_loss_from_states
+
+    cfg, run = pair.cfg, Path(pair.run)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ctx, after = summary.get("final_eval") or {}, summary.get("after") or {}
+    device = next(pair.model.parameters()).device.type
+    same = (ctx.get("dtype") == dtype and ctx.get("device") == device and ctx.get("mixed_precision") == "no"
+            and ctx.get("max_examples") == n_max and ctx.get("batch_size") == cfg.eval.batch_size
+            and ctx.get("general_prompts") == cfg.data.general_prompts
+            and summary.get("objective") in ("sft", "kl_sft")
+            and None not in (after.get("eval_loss"), after.get("eval_kl"))
+            and (after.get("general_kl") is not None or not general))
+    if not same or ctx.get("weights_sha256") != weights_digest(run):
+        return None
+    base = base_loss_from_states(pair.model, examples, pair.tok.pad_token_id, cfg.loss, cfg.eval.batch_size,
+                                 n_max, states, pair.ref)
+    if base is None:
+        return None
+    out = {"tokens": base["tokens"], "base": {"loss": base["base_loss"], "ppl": base["base_ppl"]},
+           "tuned": {"loss": after["eval_loss"], "ppl": after["eval_ppl"]}, "kl_to_base": after["eval_kl"],
+           "from_training": {"step": ctx.get("step"), "weights_sha256": ctx["weights_sha256"]}}
+    if general:
+        out["general_kl"] = after["general_kl"]
+    return out
+
+
 PREF_KEYS = ("loss", "pref_accuracy", "pref_margin", "accuracy", "margin")
 
 
@@ -95,12 +134,14 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
                  judge: str | None = None, judge_model: str | None = None, use_cache: bool = True,
-                 with_heldout: bool = True, **knobs) -> dict:
+                 with_heldout: bool = True, reuse: bool = True, **knobs) -> dict:
     """Evaluate a run folder against its base; writes the result JSON and RUN/eval_samples.jsonl
     (beside `out`) and returns the result (see module doc).
 
     with_heldout=False skips the held-out loss and KL (a sweep reads them from each run's summary, where
-    training's final evaluation put them).
+    training's final evaluation put them). reuse: take the tuned held-out loss and both KLs from that
+    final evaluation when it measured these same weights the same way (`training_heldout`); the
+    base's loss then comes from the base states training left on disk. False measures all again.
     ifeval: IFEval-style prompts (default: the run's eval.ifeval; "" skips them). judge: an
     OpenAI-compatible URL that picks the better of base / tuned per prompt (off by default).
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
@@ -109,8 +150,8 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     from ..fastgen import settings_from
     from ..generate import last_user, load_prompts
     from ..runfolder import run_kind
-    from .base_vs_tuned import BaseVsTuned
     from ..methods import method_of
+    from .base_vs_tuned import BaseVsTuned
     from .heldout import heldout_metrics
     from .ifeval import ifeval_metrics, load_ifeval
     from .states import base_states
@@ -140,7 +181,12 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     # the base's hidden states for KL and base loss: training's evaluations left them on disk
     states = base_states(cfg.model.name, dtype, str(next(model.parameters()).device),
                          method_of(cfg.method.name).four_bit)
-    if examples:
+    reused = training_heldout(pair, examples, general, states, n_max, dtype) if examples and reuse else None
+    if reused:
+        log("held-out loss and KL: training's final evaluation of these same weights (--recompute measures again)")
+        heldout.update(reused)
+        general = []
+    elif examples:
         log(f"held-out loss on {heldout['examples']} examples ...")
         tuned = heldout_metrics(model, examples, pad, cfg.loss, bs, n_max, kl=True, ref_model=ref,
                                 ref_cache=states, base_loss=True, merge=True)
@@ -312,7 +358,9 @@ def format_table(result: dict) -> str:
              f"held-out: {result['heldout']['data']}, {result['heldout']['examples']} examples; "
              f"answers: {g['n_prompts']} prompts from {g['prompts']}, {how}, <= {g['max_new_tokens']} new tokens"
              + (f"; IFEval: {ife['tuned']['prompts']} prompts" if ife else "")
-             + ("; base answers from the cache" if g.get("base_cached") else ""),
+             + ("; base answers from the cache" if g.get("base_cached") else "")
+             + ("; held-out tuned loss and KL from training's final evaluation (same weights)"
+                if result["heldout"].get("from_training") else ""),
              "", f"{'metric':<44}{'base':>10}{'tuned':>10}", "-" * 64]
     lines += [f"{label:<44}{b:>10}{t:>10}" for label, b, t in table_rows(result)]
     if result.get("seconds") is not None:

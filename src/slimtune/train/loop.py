@@ -370,6 +370,7 @@ def finish(s: Session, log=print) -> dict:
                    "steps": n, "stopped": s.stopper.reason or "completed", "params": s.params,
                    "before": _metrics(s.loop["first_eval"]), "after": _metrics(s.last_eval),
                    "last_train": s.last_logged, "time": times,
+                   "final_eval": _eval_context(s, n),
                    "chat_command": f"slimtune chat {s.run_dir}"}
         atomic_write_json(s.run_dir / "summary.json", summary)
         for cb in s.callbacks:
@@ -377,6 +378,18 @@ def finish(s: Session, log=print) -> dict:
         log(format_summary(summary))
     s.acc.wait_for_everyone()
     return summary
+
+
+def _eval_context(s: Session, step: int) -> dict:
+    """What `slimtune eval` must match to take the "after" metrics as its own held-out numbers
+    instead of measuring them again: the saved weights and how they were evaluated."""
+    from ..runfolder import weights_digest
+
+    cfg = s.cfg
+    return {"step": step, "weights_sha256": weights_digest(s.run_dir), "dtype": cfg.model.dtype,
+            "device": torch.device(s.acc.device).type, "mixed_precision": cfg.train.mixed_precision,
+            "max_examples": cfg.eval.max_examples, "batch_size": cfg.eval.batch_size,
+            "general_prompts": cfg.data.general_prompts, "processes": s.acc.num_processes}
 
 
 def _metrics(row: dict) -> dict:
