@@ -79,8 +79,9 @@ class Progress(Callback):
         elif row.get("eval_loss") is not None:
             extra = "".join(f"  {k.replace('_', ' ')} {row[k]:.4f}" for k in ("eval_kl", "general_kl")
                             if row.get(k) is not None)
-            self.message(f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}  "
-                         f"ppl {row.get('eval_ppl') or float('nan'):.2f}{extra}")
+            ppl = f"  ppl {row['eval_ppl']:.2f}" if row.get("eval_ppl") is not None else ""  # none for preferences
+            pref = f"  pref accuracy {row['eval_pref_accuracy']:.3f}" if row.get("eval_pref_accuracy") is not None else ""
+            self.message(f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}{ppl}{pref}{extra}")
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, elapsed: float) -> None:
         if not self.enabled:

@@ -403,7 +403,8 @@ def format_summary(s: dict) -> str:
     lines = [
         "", "== slimtune summary ==",
         f"steps          {s['steps']} ({s['stopped']})",
-        f"held-out loss  {f(b['eval_loss'])} -> {f(a['eval_loss'])}   (ppl {f(b['eval_ppl'], 2)} -> {f(a['eval_ppl'], 2)})",
+        f"held-out loss  {f(b['eval_loss'])} -> {f(a['eval_loss'])}"
+        + (f"   (ppl {f(b['eval_ppl'], 2)} -> {f(a['eval_ppl'], 2)})" if a.get("eval_ppl") is not None else ""),
         f"KL to base     held-out {f(a['eval_kl'])}   general prompts {f(a['general_kl'])}",
         *([f"preference     held-out accuracy {f(b['eval_pref_accuracy'], 3)} -> {f(a['eval_pref_accuracy'], 3)}   "
            f"margin {f(b.get('eval_pref_margin'))} -> {f(a.get('eval_pref_margin'))}   "
