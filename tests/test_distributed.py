@@ -67,3 +67,47 @@ def test_ddp_processes_stop_together_and_log_the_whole_batch_loss(tiny_dir, tmp_
         one = [r["loss"] for r in _rows(tmp_path / "one") if "loss" in r]
         ddp = [r["loss"] for r in _rows(tmp_path / "ddp") if "loss" in r]
         assert ddp == pytest.approx(one, rel=1e-5) and len(one) == summary["steps"]
+
+
+KILL_MAIN = """
+import os, signal, sys
+from slimtune.config import build_config
+from slimtune.train.callbacks import Callback
+from slimtune.train.loop import train
+
+class KillAfter(Callback):  # the main process dies right after checkpoint N; the launcher ends the other
+    def on_checkpoint(self, step, path):
+        if step == int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(build_config({}, sys.argv[1:]), log=lambda *a: None, callbacks=[KillAfter()])
+"""
+
+
+def test_ddp_killed_run_resumes_every_process_random_state(tiny_dir, tmp_path):
+    """Two processes with LoRA dropout draw different masks (each its own RNG stream); a run killed
+    after checkpoint 3 and resumed must restore each process's own state, or its masks for steps
+    4-6 differ and so does the adapter."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(32, seed=1)))
+    common = [f"model.name={tiny_dir}", f"data.train={data}", "train.max_steps=6", "data.general_prompts=",
+              "train.progress=false", "train.batch_size=2", "data.group_by_length=false", "train.lr=1e-2",
+              "data.max_length=64", "eval.max_examples=2", "eval.kl=false", "method.dropout=0.3",
+              "train.save_every=1", "method.r=4"]
+    p = subprocess.run(LAUNCH + common + [f"train.output_dir={tmp_path / 'ref'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "killer.py").write_text(KILL_MAIN)
+    killer = LAUNCH[:-3] + [str(tmp_path / "killer.py")]
+    p = subprocess.run(killer + common + [f"train.output_dir={tmp_path / 'crash'}"], capture_output=True,
+                       text=True, timeout=300, env=dict(__import__("os").environ, KILL_AFTER="3"))
+    assert p.returncode != 0
+    assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert not (tmp_path / "crash" / "adapter_model.safetensors").exists()
+    p = subprocess.run(LAUNCH + common + [f"train.output_dir={tmp_path / 'crash'}", "train.resume=true"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "crash" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)

@@ -195,6 +195,8 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
         model, optimizer = acc.prepare(model, optimizer)
     model.train()
     set_mode(optimizer, True)
+    if acc.num_processes > 1:  # same initial weights everywhere (seeded above), but each process
+        seed_everything(tc.seed + 1000 * acc.process_index)  # draws its own dropout masks from here
 
     loop = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_s": 0.0, "stopper": None}
     if ckpt is not None:
