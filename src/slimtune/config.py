@@ -214,7 +214,8 @@ class TrainCfg:
     output_dir: str = "runs/run"
     """The run folder: adapter, logs, config, checkpoints."""
     seed: int = 0
-    """Seeds data order, the held-out split, initialisation and dropout."""
+    """Seeds data order, the held-out split, initialisation and dropout (under data parallel each
+    process draws dropout from seed + 1000 x its rank)."""
     lr: float = 2e-4
     """Peak learning rate."""
     optimizer: str = "adamw"

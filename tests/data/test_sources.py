@@ -33,7 +33,7 @@ def write_source(tmp_path, kind):
     import pyarrow.feather as feather
     p = tmp_path / {"jsonl": "d.jsonl", "json": "d.json", "gz": "d.jsonl.gz", "zst": "d.jsonl.zst", "bom": "d.jsonl",
                     "parquet": "d.parquet", "csv": "d.csv", "arrow": "d.arrow", "feather": "f.arrow",
-                    "disk": "ds", "diskdict": "dd"}[kind]
+                    "disk": "ds", "diskdict": "dd", "shards": "shards", "pattern": "shards/*.parquet"}[kind]
     if kind == "jsonl":
         p.write_bytes(jsonl_bytes())
     elif kind == "json":
@@ -56,6 +56,10 @@ def write_source(tmp_path, kind):
         feather.write_feather(pa.Table.from_pylist(ROWS), p)
     elif kind == "disk":
         datasets.Dataset.from_list(ROWS).save_to_disk(p)
+    elif kind in ("shards", "pattern"):  # a Hub-style snapshot: train split in two parquet shards
+        write_shards(tmp_path / "shards", "parquet", {"data/train-00000-of-00002.parquet": ROWS[:1],
+                                                      "data/train-00001-of-00002.parquet": ROWS[1:]})
+        return tmp_path / "shards" if kind == "shards" else f"{tmp_path}/shards/data/*.parquet"
     elif kind == "diskdict":
         datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
                               "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(p)
@@ -63,7 +67,7 @@ def write_source(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "gz", "zst", "bom", "parquet", "csv", "arrow", "feather",
-                                  "disk", "diskdict"])
+                                  "disk", "diskdict", "shards", "pattern"])
 def test_every_source_reads_the_same_chats(tmp_path, kind):
     p = write_source(tmp_path, kind)
     split = "test" if kind == "diskdict" else None
@@ -145,7 +149,7 @@ def test_hub_source_offline_says_how_to_use_a_local_copy(monkeypatch):
     assert "HF_HUB_OFFLINE is set" in msg and "save_to_disk" in msg and "'en'" in msg and "validation" in msg
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "disk", "bom"])
+@pytest.mark.parametrize("kind", ["parquet", "csv", "disk", "bom", "shards", "pattern"])
 def test_cli_stats_reads_every_source_and_names_format(tmp_path, tiny_dir, capsys, kind):
     p = write_source(tmp_path, kind)
     assert main(["data", "stats", str(p), "--model", tiny_dir]) == 0
@@ -162,3 +166,73 @@ def test_cli_bad_paths_end_in_one_line_not_a_traceback(tmp_path, tiny_dir, capsy
     assert main(["data", "stats", str(make(tmp_path)), "--model", tiny_dir]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slimtune: error: ") and match in err and err.count("\n") == 1
+
+
+# --- several files as one source: patterns and folders of shards
+
+
+def write_shards(folder, kind, parts):
+    """parts: {relative name: rows}; written as JSONL or parquet."""
+    for name, rows in parts.items():
+        p = folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(p, rows) if kind == "parquet" else p.write_bytes(jsonl_bytes(rows))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_pattern_and_a_folder_of_shards_read_every_file_in_name_order(tmp_path, kind):
+    write_shards(tmp_path / "shards", kind, {f"part-0000{i}.{kind}": [r] for i, r in
+                                             zip((2, 0, 1), (ROWS[2], ROWS[0], ROWS[1]))})
+    assert load_chats(tmp_path / "shards") == CHATS
+    assert load_chats(f"{tmp_path}/shards/part-*.{kind}") == CHATS
+    assert load_chats(f"{tmp_path}/**/*.{kind}") == CHATS
+    assert load_chats(f"{tmp_path}/shards/part-0000[01].{kind}") == CHATS[:2]
+
+
+def test_a_hub_snapshot_folder_reads_the_split_its_file_names_carry(tmp_path):
+    snap = tmp_path / "snapshot"
+    write_shards(snap, "parquet", {"data/train-00000-of-00002.parquet": ROWS[:2],
+                                   "data/train-00001-of-00002.parquet": ROWS[2:],
+                                   "data/test-00000-of-00001.parquet": ROWS[:1]})
+    (snap / "README.md").write_text("---\nlicense: mit\n---\n")
+    (snap / ".cache").mkdir()
+    write_parquet(snap / ".cache" / "stale.parquet", ROWS[:1])  # hidden folders are not data
+    assert load_chats(snap) == CHATS
+    assert load_chats(snap, split="test") == CHATS[:1]
+    with pytest.raises(DataError, match="no 'validation' files here.*test, train"):
+        load_chats(snap, split="validation")
+
+
+def test_a_bad_row_in_a_shard_names_that_file_and_its_own_line(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(folder, "jsonl", {"a.jsonl": ROWS, "b.jsonl": ROWS[:1]})
+    (folder / "b.jsonl").write_text(jsonl_bytes(ROWS[:1]).decode() + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_chats(folder, fmt="alpaca")
+    assert e.value.path == str(folder / "b.jsonl") and e.value.line == 3  # the blank line 2 counts
+    assert str(e.value).startswith(f"{folder / 'b.jsonl'}:3")
+    write_shards(folder, "parquet", {"c/x.parquet": [{"prompt": "a", "completion": "b"}, {"prompt": "c"}]})
+    with pytest.raises(DataError) as e:
+        load_chats(f"{folder}/**/*.parquet", fmt="prompt_completion")
+    assert (e.value.path, e.value.line, e.value.field) == (str(folder / "c" / "x.parquet"), 2, "completion")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: write_shards(d, "jsonl", {"a.jsonl": ROWS}) or write_shards(d, "parquet", {"b.parquet": ROWS}),
+     "mixes json and parquet files; point at one kind"),
+    (lambda d: write_shards(d, "parquet", {"a.parquet": ROWS, "b.parquet": [{"prompt": "p", "completion": "c"}]}),
+     r"b\.parquet: its columns \(prompt, completion\) differ"),
+])
+def test_shards_that_do_not_fit_together_fail_in_one_line(tmp_path, make, match):
+    make(tmp_path / "s")
+    with pytest.raises(DataError, match=match):
+        load_chats(tmp_path / "s")
+
+
+def test_a_pattern_that_matches_nothing_and_a_home_path(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no data file matches this pattern"):
+        load_chats(f"{tmp_path}/*.jsonl")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "d.jsonl").write_bytes(jsonl_bytes())
+    assert load_chats("~/d.jsonl") == CHATS
+    assert load_chats("~/*.jsonl") == CHATS

@@ -82,7 +82,7 @@ def builtin_path(name: str) -> Path:
 
 
 def resolve_path(spec: str) -> Path:
-    path = builtin_path(spec.split(":", 1)[1]) if spec.startswith("builtin:") else Path(spec)
+    path = builtin_path(spec.split(":", 1)[1]) if spec.startswith("builtin:") else Path(spec).expanduser()
     if not path.exists():
         raise DataError("file not found; check the path (or use builtin:instructions)", path=str(path))
     return path

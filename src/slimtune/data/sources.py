@@ -4,6 +4,7 @@
     data.parquet, data.csv      tabular files (CSV: the header names the columns)
     data.arrow                  an Arrow stream (as `datasets` writes) or an Arrow IPC / Feather file
     FOLDER                      written by `Dataset.save_to_disk` (or a DatasetDict: pick data.split)
+    FOLDER, data/*.parquet      several data files read as one (shards.py: Hub snapshots, globs)
     hf:org/name                 a Hugging Face Hub dataset (network), with data.split and data.subset
     builtin:NAME                a file shipped with slimtune
 
@@ -31,7 +32,8 @@ from ..errors import DataError
 from ..utils import cache_dir
 
 BOM = b"\xef\xbb\xbf"
-SUFFIXES = ".jsonl, .json, .parquet, .csv, .arrow (JSON also as .gz or .zst), a save_to_disk folder, or hf:org/name"
+SUFFIXES = (".jsonl, .json, .parquet, .csv, .arrow (JSON also as .gz or .zst), a folder of them or a pattern "
+            "(data/*.parquet), a save_to_disk folder, or hf:org/name")
 OFFLINE_HINT = ("download it where there is network and save a local copy "
                 "(python -c \"import datasets; datasets.load_dataset('{name}'{sub}, split='{split}')"
                 ".save_to_disk('DIR')\", or .to_parquet('data.parquet')), then point at that path")
@@ -106,8 +108,15 @@ def open_source(spec: str, split: str | None = None, subset: str | None = None) 
     if spec.startswith("hf:"):
         return _open_hub(spec[3:], split or "train", subset)
     from .formats import resolve_path
+    from .shards import folder_files, glob_files, is_glob, open_files
+    if is_glob(spec) and not spec.startswith("builtin:"):
+        return open_files(spec, glob_files(spec), open_source)
     path = resolve_path(spec)
     if path.is_dir():
+        if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            files = folder_files(path, split)  # a folder of data files (shards, a Hub snapshot)
+            if files:
+                return open_files(spec, files, open_source)
         return _open_folder(path, split)
     name = path.name.lower()
     base = name.removesuffix(".gz").removesuffix(".zst")
@@ -307,9 +316,9 @@ def _open_folder(path: Path, split: str | None) -> Source:
     from datasets import DatasetDict, load_from_disk
 
     if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        raise DataError(f"not a dataset folder (Dataset.save_to_disk writes state.json and data-*.arrow); "
-                        f"it holds {describe_folder(path)}: point at one file, or save the data with save_to_disk",
-                        path=str(path))
+        raise DataError(f"not a dataset folder: no data file under it (.jsonl, .json, .parquet, .csv, .arrow) "
+                        f"and no save_to_disk state.json; it holds {describe_folder(path)}: point at a data "
+                        "file, or save the data with save_to_disk", path=str(path))
     try:
         ds = load_from_disk(str(path))
     except Exception as e:
