@@ -286,6 +286,8 @@ def add_eval(sub):
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server that judges base vs tuned answers "
                                                   "(both orders); off by default")
     p.add_argument("--judge-model", metavar="NAME", help="model name to send to the judge")
+    p.add_argument("--judge-max-tokens", type=int, default=16,
+                   help="reply budget per verdict (raise it for a reasoning judge that thinks first)")
     p.add_argument("--no-cache", action="store_true", help="generate the base's answers again instead of "
                                                           "reading them from the cache")
     p.add_argument("--recompute", action="store_true",
@@ -301,7 +303,8 @@ def cmd_eval(args):
     res = evaluate_run(args.run, data=args.data, prompts=args.prompts, out=args.out, max_prompts=args.max_prompts,
                        max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, dtype=args.dtype,
                        ifeval=args.ifeval, judge=args.judge, judge_model=args.judge_model,
-                       use_cache=not args.no_cache, reuse=not args.recompute, **knobs(args))
+                       judge_max_tokens=args.judge_max_tokens, use_cache=not args.no_cache,
+                       reuse=not args.recompute, **knobs(args))
     print(format_table(res))
 
 

@@ -7,13 +7,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from slimtune.errors import SlimtuneError
-from slimtune.evaluate.judge import endpoint, judge_pairs
+from slimtune.evaluate.judge import endpoint, judge_pairs, verdict
 
 
 class FakeJudge(BaseHTTPRequestHandler):
     """Prefers the answer containing 'good'; with `biased`, always says A (a position-biased judge)."""
 
     biased = False
+    busy = 0  # answer HTTP 429 this many times first
     requests: list = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
@@ -24,11 +25,21 @@ class FakeJudge(BaseHTTPRequestHandler):
         b = user.split("[Answer B]\n", 1)[1].split("\n\nWhich answer", 1)[0]
         verdict = "A" if self.biased else "A" if "good" in a and "good" not in b else \
             "B" if "good" in b and "good" not in a else "tie"
-        if "broken" in user:
-            out = b'{"nothing": 1}'
-        else:
-            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"{verdict}."}}]}).encode()
-        self.send_response(200)
+        status, content = 200, f"{verdict}."
+        if "think" in user:  # a reasoning judge: its block names both answers before the verdict
+            content = f"<think>Answer A says one thing, B another; A is short.</think>\n\n{verdict}"
+        if "vague" in user:
+            content = "A better answer is B"  # names both: no verdict
+        if "busy" in user and type(self).busy > 0:
+            type(self).busy -= 1
+            status = 429
+        if "down" in user:
+            status = 503
+        out = b'{"nothing": 1}' if "broken" in user else \
+            json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(status)
+        if status != 200:
+            self.send_header("Retry-After", "0")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -40,7 +51,7 @@ class FakeJudge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    FakeJudge.requests, FakeJudge.biased = [], False
+    FakeJudge.requests, FakeJudge.biased, FakeJudge.busy = [], False, 0
     srv = HTTPServer(("127.0.0.1", 0), FakeJudge)
     srv.timeout = 5
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -89,3 +100,30 @@ def test_errors_are_one_line(server):
 def test_endpoint_forms():
     full = "http://h:1/v1/chat/completions"
     assert endpoint("http://h:1") == endpoint("http://h:1/") == endpoint("http://h:1/v1") == endpoint(full) == full
+
+
+def test_reasoning_blocks_are_skipped_and_replies_without_a_verdict_are_counted(server):
+    rows = [{"prompt": "think p1", "base": "meh", "tuned": "a good answer"},
+            {"prompt": "vague p2", "base": "x", "tuned": "y"}]
+    logs = []
+    res = judge_pairs(server, "j", rows, log=logs.append, timeout=5)
+    assert res["per_sample"][0] == {"base_first": "B", "tuned_first": "A", "tuned_score": 1.0}
+    vague = res["per_sample"][1]
+    assert (vague["base_first"], vague["tuned_first"], vague["tuned_score"]) == (None, None, 0.5)
+    assert vague["unread_replies"] == ["A better answer is B"] * 2
+    assert res["summary"]["unread_share"] == 0.5 and "2 of 4 replies named no verdict" in logs[-1]
+
+
+@pytest.mark.parametrize("reply, want", [("B", "B"), ("[[A]]", "A"), ("Tie.", "tie"), ("Answer B is better.", "B"),
+                                         ("I prefer B: it is clearer.", "B"), ("<think>A or B?</think>A", "A"),
+                                         ("<think>A is long, B is", None), ("A better answer is B", None), ("", None)])
+def test_verdict_reading(reply, want):
+    assert verdict(reply) == want
+
+
+def test_rate_limits_are_retried_and_a_server_that_stays_down_says_so(server):
+    FakeJudge.busy = 3
+    res = judge_pairs(server, "j", [{"prompt": "busy", "base": "meh", "tuned": "good"}], timeout=5)
+    assert res["per_sample"][0]["tuned_score"] == 1.0 and len(FakeJudge.requests) == 5  # 3 refused + 2
+    with pytest.raises(SlimtuneError, match="HTTP 503.*after 4 retries"):
+        judge_pairs(server, "j", [{"prompt": "down", "base": "a", "tuned": "b"}], timeout=5)

@@ -133,8 +133,8 @@ def preference_heldout(model, tok, cfg, ref, data: str | None, n_max: int | None
 def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, out: str | None = None,
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
-                 judge: str | None = None, judge_model: str | None = None, use_cache: bool = True,
-                 with_heldout: bool = True, reuse: bool = True, **knobs) -> dict:
+                 judge: str | None = None, judge_model: str | None = None, judge_max_tokens: int = 16,
+                 use_cache: bool = True, with_heldout: bool = True, reuse: bool = True, **knobs) -> dict:
     """Evaluate a run folder against its base; writes the result JSON and RUN/eval_samples.jsonl
     (beside `out`) and returns the result (see module doc).
 
@@ -231,7 +231,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     if judge:
         from .judge import judge_pairs
 
-        verdicts = judge_pairs(judge, judge_model, rows, log=log)
+        verdicts = judge_pairs(judge, judge_model, rows, log=log, max_tokens=judge_max_tokens)
         result["judge"] = verdicts["summary"]
         for row, v in zip(rows, verdicts["per_sample"]):
             row["judge"] = v
@@ -342,6 +342,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
             continue  # preference rows only for preference runs
         if section != "style" or any(v is not None for v in vals):  # older eval.json: no repetition keys
             rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
+        if section == "judge" and judge.get("unread_share"):  # they count as ties: say how many
+            rows.append(("  judge replies with no verdict", "", f"{judge['unread_share']:.0%}"))
         if section == "ifeval" and key == "constraint_pass":
             for t, by in ife["tuned"]["by_type"].items():
                 b = ife["base"]["by_type"].get(t, {}).get("pass")
