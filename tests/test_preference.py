@@ -197,6 +197,27 @@ def test_precomputed_reference_equals_the_live_one(tok, pairs, unpaired, name):
     assert float(cached.loss) == pytest.approx(float(live.loss), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_evaluation_with_the_base_cached_equals_a_fresh_one_after_training_moves(tok, pairs, unpaired, name):
+    """Evaluation keeps the base's hidden states per batch (KTO: its rows and its mismatched rows);
+    after the adapter moves, the cached evaluation must equal one that runs the base again."""
+    obj = PREFERENCE_OBJECTIVES[name](cfg_for(name))
+    rows = unpaired if name == "kto" else pairs
+    model = lora_model(tok)
+    cache = {}
+    obj.evaluate(model, rows, tok.pad_token_id, batch_size=2, ref_cache=cache)
+    assert len(cache) == (4 if name == "kto" else 3)  # KTO: 2 batches x (rows, mismatched rows)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-1.5)
+    cached = obj.evaluate(model, rows, tok.pad_token_id, batch_size=2, ref_cache=cache)
+    fresh = obj.evaluate(model, rows, tok.pad_token_id, batch_size=2)
+    assert cached.keys() == fresh.keys() and cached["eval_kl"] > 0
+    for k, v in fresh.items():
+        assert cached[k] == (None if v is None else pytest.approx(v, rel=1e-5)), k
+
+
 def test_full_fine_tuning_uses_the_frozen_copy_and_trains_the_head(tok, pairs):
     model = make_model(tok)
     ref = copy.deepcopy(model).requires_grad_(False)

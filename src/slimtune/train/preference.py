@@ -305,15 +305,16 @@ class KTO(PairedObjective):
             batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)
         return batch
 
-    def forward(self, model, batch, ref_model=None):
+    def forward(self, model, batch, ref_model=None, ref_cache=None, key=None):
+        """ref_cache / key: as `score` (evaluation: the base's side of both batches computed once)."""
         lc = self.cfg.loss
         kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
         with torch.no_grad():
-            klsc = score(model, kl_batch, ref_model, True, lc.chunk_size)
+            klsc = score(model, kl_batch, ref_model, True, lc.chunk_size, ref_cache, ("kl", key))
             z0 = L.kto_kl(klsc["logps"], klsc["ref_logps"])
         main = {k: v for k, v in batch.items() if not k.startswith("kl_") and k not in ("label", "ref_logps")}
         want_ref = "ref_logps" not in batch
-        sc = score(model, main, ref_model, want_ref, lc.chunk_size)
+        sc = score(model, main, ref_model, want_ref, lc.chunk_size, ref_cache, ("main", key))
         if not want_ref:
             sc["ref_logps"] = batch["ref_logps"]
         out = L.kto_loss(sc["logps"], sc["ref_logps"], batch["label"], z0, lc.beta,
@@ -365,7 +366,8 @@ class KTO(PairedObjective):
         sums: dict[str, float] = {}
         means: dict[str, dict[bool, float]] = {}
         for part, batch in self._eval_batches(model, rows, pad_id, batch_size, max_examples):
-            out, sc = self.forward(model, batch, ref_model)
+            key = tuple((r["where"], r["label"]) for r in part)
+            out, sc = self.forward(model, batch, ref_model, ref_cache, key)
             for k, v in self._sums(out, sc).items():
                 sums[k] = sums.get(k, 0.0) + v
             for r, m in zip(part, (sc["logps"] / sc["lengths"].clamp(min=1)).tolist()):
