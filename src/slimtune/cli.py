@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import TRAIN_ON, WEIGHT_DTYPES, DataCfg  # light: yaml and the dataclasses
 from .errors import SlimtuneError
@@ -36,8 +37,8 @@ def cmd_train(args):
 
 
 # ---------------------------------------------------------------- data
-SOURCES = ("a .jsonl/.json (.gz/.zst), .parquet, .csv or .arrow file, a save_to_disk folder, hf:org/name, "
-           "builtin:instructions, or chitchat[:N]")
+SOURCES = ("a .jsonl/.json (.gz/.zst), .parquet, .csv or .arrow file, a folder of them or a quoted pattern "
+           "('data/*.parquet'), a save_to_disk folder, hf:org/name, builtin:instructions, or chitchat[:N]")
 
 
 def _source_options(p, fmt: bool = True):
@@ -455,7 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        files = [x for x in extra if not x.startswith("-") and Path(x).exists()]
+        if files and getattr(args, "file", None):  # `data stats data/*.jsonl`: the shell expanded it
+            parser.exit(2, f"slimtune: error: {len(files) + 1} files where one source goes ({args.file}, "
+                           f"{files[0]}, ...): the shell expanded a pattern; quote it ('dir/*.jsonl') or give "
+                           "the folder, and slimtune reads them as one source\n")
+        parser.parse_args(argv)  # argparse's own message for anything else
     try:
         if args.command != "data":
             from .utils import quiet_libraries

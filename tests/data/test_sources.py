@@ -236,3 +236,16 @@ def test_a_pattern_that_matches_nothing_and_a_home_path(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes())
     assert load_chats("~/d.jsonl") == CHATS
     assert load_chats("~/*.jsonl") == CHATS
+
+
+def test_cli_a_pattern_the_shell_expanded_says_to_quote_it(tmp_path, tiny_dir, capsys):
+    write_shards(tmp_path, "jsonl", {"a.jsonl": ROWS, "b.jsonl": ROWS})
+    with pytest.raises(SystemExit) as e:
+        main(["data", "stats", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--model", tiny_dir])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the shell expanded a pattern; quote it" in err and err.count("\n") == 1
+    assert main(["data", "stats", f"{tmp_path}/*.jsonl", "--model", tiny_dir]) == 0
+    assert "examples          6" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # anything else unknown: argparse's own message
+        main(["data", "stats", str(tmp_path / "a.jsonl"), "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
