@@ -431,6 +431,36 @@ def test_slimtune_eval_of_a_dpo_run_reports_preference_metrics_base_vs_tuned(tin
     assert res["generation"]["tuned"]["answers"] == 2
 
 
+@pytest.mark.parametrize("name", ["dpo", "simpo", "kto"])
+def test_eval_takes_training_s_preference_numbers_only_for_the_weights_it_measured(tiny_dir, tmp_path, name):
+    """Training evaluated the base (step 0) and the final weights on the held-out rows: `slimtune
+    eval` reuses those numbers, equal to measuring again; other weights in the folder are measured."""
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.evaluate.suite import evaluate_run
+    from slimtune.train.loop import train
+
+    data = write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / name
+    train(build_config({}, [f"model.name={tiny_dir}", f"data.train={data}", f"train.output_dir={out}",
+                            "train.max_steps=4", "train.batch_size=4", "train.lr=2e-2", "train.progress=false",
+                            f"loss.objective={name}", "eval.max_new_tokens=2", "data.val_fraction=0.25"]),
+          log=lambda *_: None)
+    kw = dict(max_prompts=1, log=lambda m: None, ifeval="")
+    reused = evaluate_run(str(out), out=str(tmp_path / "a.json"), **kw)["heldout"]
+    fresh = evaluate_run(str(out), out=str(tmp_path / "b.json"), reuse=False, **kw)["heldout"]
+    assert "from_training" in reused and "from_training" not in fresh
+    for side in ("base", "tuned"):
+        for k, v in fresh[side].items():
+            assert reused[side][k] == (None if v is None else pytest.approx(v, rel=1e-4, abs=1e-5)), (side, k)
+    assert reused["kl_to_base"] == pytest.approx(fresh["kl_to_base"], rel=1e-4, abs=1e-6)
+    assert reused["general_kl"] == pytest.approx(fresh["general_kl"], rel=1e-4, abs=1e-6)
+    path = out / "adapter_model.safetensors"
+    save_file({k: v * 3 if "lora_B" in k else v for k, v in load_file(str(path)).items()}, str(path))
+    changed = evaluate_run(str(out), out=str(tmp_path / "c.json"), **kw)["heldout"]
+    assert "from_training" not in changed and changed["kl_to_base"] != pytest.approx(fresh["kl_to_base"], rel=1e-3)
+
+
 def test_data_pairs_takes_the_models_own_answer_as_rejected(tiny_dir, tmp_path):
     import json
 

@@ -49,6 +49,25 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     return prepared.val, general, source
 
 
+def _measured_these_weights(pair, n_max: int | None, dtype: str) -> dict | None:
+    """The run's summary.json when its final evaluation measured the weights now in the folder
+    (sha256) with the settings eval would use (dtype, device, no autocast, example count, batch size,
+    general prompts); else None."""
+    from ..runfolder import weights_digest
+
+    cfg, run = pair.cfg, Path(pair.run)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ctx = summary.get("final_eval") or {}
+    device = next(pair.model.parameters()).device.type
+    same = (ctx.get("dtype") == dtype and ctx.get("device") == device and ctx.get("mixed_precision") == "no"
+            and ctx.get("max_examples") == n_max and ctx.get("batch_size") == cfg.eval.batch_size
+            and ctx.get("general_prompts") == cfg.data.general_prompts)
+    return summary if same and ctx.get("weights_sha256") == weights_digest(run) else None
+
+
 def training_heldout(pair, examples: list[dict], general: list[dict], states, n_max: int | None,
                      dtype: str) -> dict | None:
     """The held-out section from training's final evaluation, or None when it cannot stand for a new
@@ -58,24 +77,16 @@ def training_heldout(pair, examples: list[dict], general: list[dict], states, n_
 
     Equal to measuring again up to float rounding: training evaluated with the adapter unmerged,
     `slimtune eval` merges it (tests/test_evalrun.py compares the two)."""
-    from ..runfolder import weights_digest
     from .heldout import base_loss_from_states
 
-    cfg, run = pair.cfg, Path(pair.run)
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
+    cfg = pair.cfg
+    summary = _measured_these_weights(pair, n_max, dtype)
+    after = (summary or {}).get("after") or {}
+    if (summary is None or summary.get("objective") not in ("sft", "kl_sft")
+            or None in (after.get("eval_loss"), after.get("eval_kl"))
+            or (after.get("general_kl") is None and general)):
         return None
-    ctx, after = summary.get("final_eval") or {}, summary.get("after") or {}
-    device = next(pair.model.parameters()).device.type
-    same = (ctx.get("dtype") == dtype and ctx.get("device") == device and ctx.get("mixed_precision") == "no"
-            and ctx.get("max_examples") == n_max and ctx.get("batch_size") == cfg.eval.batch_size
-            and ctx.get("general_prompts") == cfg.data.general_prompts
-            and summary.get("objective") in ("sft", "kl_sft")
-            and None not in (after.get("eval_loss"), after.get("eval_kl"))
-            and (after.get("general_kl") is not None or not general))
-    if not same or ctx.get("weights_sha256") != weights_digest(run):
-        return None
+    ctx = summary["final_eval"]
     base = base_loss_from_states(pair.model, examples, pair.tok.pad_token_id, cfg.loss, cfg.eval.batch_size,
                                  n_max, states, pair.ref)
     if base is None:
@@ -91,13 +102,20 @@ def training_heldout(pair, examples: list[dict], general: list[dict], states, n_
 PREF_KEYS = ("loss", "pref_accuracy", "pref_margin", "accuracy", "margin")
 
 
-def preference_heldout(model, tok, cfg, ref, data: str | None, n_max: int | None, log) -> tuple[dict, list[dict]]:
+def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: str = "float32",
+                       reuse: bool = True) -> tuple[dict, list[dict]]:
     """A preference run's held-out pairs, base vs tuned: the objective's loss, the model's own
     preference accuracy and margin (mean per-token log-prob, chosen vs rejected), reward accuracy
-    and margin; KL to base. Returns (heldout section, general-prompt examples)."""
+    and margin; KL to base. Returns (heldout section, general-prompt examples still to measure).
+
+    reuse: training evaluated the base (step 0, where the adapter is the identity) and these same
+    weights (its final evaluation) on the same held-out rows; take those numbers when the weights
+    file is the one it measured, with the same settings (as `training_heldout` for SFT)."""
+    model, tok, cfg, ref = pair.model, pair.tok, pair.cfg, pair.ref
     from ..data.formats import load_chats
     from ..data.preference import load_preferences
     from ..data.tools import render_all
+    from ..methods import method_of
     from ..runfolder import as_base
     from ..train.objectives import make_objective
     from ..train.preference import row_kind
@@ -120,6 +138,23 @@ def preference_heldout(model, tok, cfg, ref, data: str | None, n_max: int | None
     heldout = {"data": source, "examples": len(rows), "objective": obj.name}
     if not rows:
         return heldout, general
+    summary = _measured_these_weights(pair, n_max, dtype) if reuse and not data else None
+    before, after = (summary or {}).get("before") or {}, (summary or {}).get("after") or {}
+    if (summary and not method_of(cfg.method.name).adds_positions  # at step 0 the model was the base
+            and before.get("eval_pref_accuracy") is not None and after.get("eval_pref_accuracy") is not None
+            and (after.get("general_kl") is not None or not general)):
+        log("held-out preference metrics: training's evaluations of the base (step 0) and of these same "
+            "weights (--recompute measures again)")
+        pick = (lambda ev: {k: ev.get(f"eval_{k}") for k in PREF_KEYS})
+        base = pick(before)
+        if obj.needs_reference:  # the base is its own reference: its rewards are 0 by definition (step 0's
+            base.update({k: 0.0 for k in ("accuracy", "margin") if base[k] is not None})  # differ by rounding)
+        heldout.update(base=base, tuned=pick(after), kl_to_base=after.get("eval_kl"),
+                       from_training={"step": summary["final_eval"].get("step"),
+                                      "weights_sha256": summary["final_eval"]["weights_sha256"]})
+        if general:
+            heldout["general_kl"] = after["general_kl"]
+        return heldout, []
     log(f"held-out preference metrics on {len(rows)} rows ...")
     bs = cfg.eval.batch_size
     tuned = obj.evaluate(model, rows, tok.pad_token_id, bs, ref_model=ref)
@@ -173,7 +208,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     if not with_heldout:
         examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
     elif is_preference(cfg.loss.objective):
-        heldout, general = preference_heldout(model, tok, cfg, ref, data, n_max, log)
+        heldout, general = preference_heldout(pair, data, n_max, log, dtype, reuse)
         examples = []
     else:
         examples, general, source = heldout_examples(cfg, tok, data)
