@@ -249,3 +249,13 @@ def test_cli_a_pattern_the_shell_expanded_says_to_quote_it(tmp_path, tiny_dir, c
     with pytest.raises(SystemExit):  # anything else unknown: argparse's own message
         main(["data", "stats", str(tmp_path / "a.jsonl"), "--nope"])
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_a_snapshot_with_one_folder_per_subset_reads_the_one_data_subset_names(tmp_path):
+    snap = tmp_path / "snap"
+    write_shards(snap, "jsonl", {"en/train.jsonl": ROWS, "en/test.jsonl": ROWS[:1], "fr/train.jsonl": ROWS[:2]})
+    assert load_chats(snap, subset="en") == CHATS
+    assert load_chats(snap, subset="fr") == CHATS[:2]
+    assert load_chats(snap, subset="en", split="test") == CHATS[:1]
+    with pytest.raises(DataError, match="no sub-folder 'de' .*its sub-folders: en, fr"):
+        load_chats(snap, subset="de")

@@ -4,7 +4,7 @@ snapshot's `data/train-00000-of-00004.parquet`, an exporter's `part-*.jsonl`).
     shards/*.parquet        every matching file, sorted by name (`**` searches sub-folders)
     FOLDER                  every data file under it; when file or folder names carry a split
                             (train / validation / test, as the Hub names them), the one data.split
-                            picks (train by default)
+                            picks (train by default); data.subset keeps one sub-folder (`en/`)
 
 The files are read one by one as single sources (each with its own cache) and concatenated.
 Rows are numbered 1..N over all files; `locate` turns that number back into (file, its own line)
@@ -59,13 +59,21 @@ def glob_files(spec: str) -> list[Path]:
     return files
 
 
-def folder_files(folder: Path, split: str | None) -> list[Path] | None:
-    """The data files under a folder (hidden folders skipped), narrowed to one split when the names
-    carry splits; None when it holds no data file."""
+def folder_files(folder: Path, split: str | None, subset: str | None = None) -> list[Path] | None:
+    """The data files under a folder (hidden folders skipped), narrowed to the sub-folder named
+    `subset` (a Hub snapshot's `en/`, `fr/`) and to one split when the names carry splits; None when
+    it holds no data file."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and data_kind(p)
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         return None
+    if subset:
+        inside = [p for p in files if subset in p.relative_to(folder).parts[:-1]]
+        if not inside:
+            found = sorted({q for p in files for q in p.relative_to(folder).parts[:-1]})
+            raise DataError(f"no sub-folder '{subset}' (data.subset) holds data files; its sub-folders: "
+                            f"{', '.join(found) or 'none'}", path=str(folder))
+        files = inside
     splits = {p: _split_of(p, folder) for p in files}
     if any(splits.values()):
         want = split or "train"

@@ -114,7 +114,7 @@ def open_source(spec: str, split: str | None = None, subset: str | None = None) 
     path = resolve_path(spec)
     if path.is_dir():
         if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-            files = folder_files(path, split)  # a folder of data files (shards, a Hub snapshot)
+            files = folder_files(path, split, subset)  # a folder of data files (shards, a Hub snapshot)
             if files:
                 return open_files(spec, files, open_source)
         return _open_folder(path, split)
