@@ -223,13 +223,26 @@ def _check_tools(tokenizer, full, messages, tools) -> None:
                             "use a model whose template supports tool calling")
 
 
-def _check_turn(tokenizer, full, messages, i, start, end, tools) -> None:
+def _inline_reasoning(content) -> str:
+    """The text of a <think>...</think> block written into the content, '' when none."""
+    if not isinstance(content, str) or "</think>" not in content:
+        return ""
+    return content.rpartition("</think>")[0].split("<think>")[-1].strip()
+
+
+def _check_turn(tokenizer, full, messages, i, start, end, tools, train_reasoning: bool = True) -> None:
     span, m = full[start:end], messages[i]
     for call in m.get("tool_calls") or []:
         name = (call.get("function") or call).get("name", "")
         if name and name not in span:
             raise DataError(f"the chat template does not render the tool_calls of assistant turn {i} "
                             f"(no {name!r} in the turn); use a model whose template supports tool calling")
+    inline = _inline_reasoning(m.get("content")) if train_reasoning else ""
+    if inline and inline not in span and inline not in _template(tokenizer, messages[: i + 1], tools=tools):
+        raise DataError(f"the chat template drops the <think> block written in the content of assistant turn {i}, "
+                        "even as the last turn (DeepSeek-R1's template strips reasoning from every assistant "
+                        "turn), so it would not be trained; set data.train_reasoning=false to train the answers "
+                        "only, or give a template that keeps it (model.chat_template)")
     reasoning = reasoning_of(m).strip()
     if reasoning and reasoning not in span and reasoning not in _template(tokenizer, messages[: i + 1], tools=tools):
         raise DataError(f"the chat template renders no reasoning for assistant turn {i}, even as the last turn "
@@ -255,7 +268,7 @@ def chat_segments(messages: list[dict], tokenizer, train_on: str = "assistant", 
     segments, pos = [], 0
     for i in turns:
         start, end = _turn_span(tokenizer, full, messages, i, pos, closers, tools, ends.get(i))
-        _check_turn(tokenizer, full, messages, i, start, end, tools)
+        _check_turn(tokenizer, full, messages, i, start, end, tools, train_reasoning)
         if not train_reasoning:
             start = _answer_start(tokenizer, full, messages, i, start, end, tools)
         segments += [Segment(full[pos:start], False), Segment(full[start:end], True)]
