@@ -127,3 +127,11 @@ def test_a_template_that_strips_inline_reasoning_everywhere_is_refused_unless_an
     qwen = make_tokenizer("qwen3")
     ids, labels = render_chat(chat, qwen)
     assert "the user greets me" in qwen.decode(trained_runs(ids, labels)[0])
+
+
+def test_check_template_names_a_template_that_strips_think_blocks():
+    from slimtune.data.template_check import detect
+
+    assert detect(make_tokenizer("deepseek_r1"))["<think> in content"] == \
+        "stripped from every turn (train with data.train_reasoning=false)"
+    assert detect(make_tokenizer("qwen3"))["<think> in content"] == "kept in the last turn"

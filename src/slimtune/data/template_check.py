@@ -118,12 +118,23 @@ def _reasoning(tok) -> str:
     return "no (not rendered)"
 
 
+def _inline_think(tok) -> str:
+    chat = [{"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "<think>\nTwo plus two makes four.\n</think>\n\n4."}]
+    full, err = _try(_template, tok, chat)
+    if err:
+        return f"? (template failed: {err})"
+    if "Two plus two makes four." in full:
+        return "kept in the last turn"
+    return "stripped from every turn (train with data.train_reasoning=false)"
+
+
 def detect(tok) -> dict[str, str]:
     """Behaviour name -> what this tokenizer's template does ('?: error' where a probe failed)."""
     checks = {"default system prompt": _default_system, "system prompt": _system_placement,
               "earlier turns rewritten": lambda t: "yes" if any(_rewritten(t, c) for c in (MULTI, REASONING)) else "no",
               "after the last turn": _after_last, "end of turn": _end_of_turn,
-              "tools": _tools, "reasoning": _reasoning}
+              "tools": _tools, "reasoning": _reasoning, "<think> in content": _inline_think}
     out = {}
     for name, fn in checks.items():
         val, err = _try(fn, tok)
