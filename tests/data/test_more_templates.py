@@ -8,6 +8,7 @@ exactly each assistant turn and its end of turn, whatever marks the turns.
     granite    <|start_of_role|>assistant<|end_of_role|>...<|end_of_text|>\\n, a dated default system
     phi4       <|im_start|>assistant<|im_sep|>...<|im_end|>
     command_r  <|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>...<|END_OF_TURN_TOKEN|>
+    generation_tags  ChatML with HF's {% generation %} ... {% endgeneration %} around each answer
     deepseek_r1  <｜Assistant｜>...<｜end▁of▁sentence｜>; the generation prompt opens a <think> block
                that the rendered history does not have, and history drops earlier reasoning
 """
@@ -77,6 +78,13 @@ DEEPSEEK_R1 = (
     "{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\\n' -}}{%- endif -%}"
 )
 
+GENERATION_TAGS = (  # HF's {% generation %} markers (for return_assistant_tokens_mask) around each answer
+    "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 NEW = {
     "zephyr": dict(template=ZEPHYR, specials=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
                    eos="</s>", bos="<s>", pad="</s>", eot="</s>"),
@@ -89,6 +97,8 @@ NEW = {
     "command_r": dict(template=COMMAND_R, specials=["<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
                                                     "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<PAD>"],
                       eos="<|END_OF_TURN_TOKEN|>", bos="<BOS_TOKEN>", pad="<PAD>", eot="<|END_OF_TURN_TOKEN|>"),
+    "generation_tags": dict(template=GENERATION_TAGS, specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                            eos="<|im_end|>", bos=None, pad="<|endoftext|>", eot="<|im_end|>"),
     "deepseek_r1": dict(template=DEEPSEEK_R1, specials=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
                                                         "<｜User｜>", "<｜Assistant｜>"],
                         eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>", pad="<｜end▁of▁sentence｜>",
