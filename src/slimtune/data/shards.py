@@ -25,6 +25,10 @@ DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv", ".tsv", ".arr
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                "test": ("test", "testing", "eval", "evaluation")}
 GLOB_CHARS = set("*?[")
+# JSON files that sit beside data in dataset and model folders and are never rows
+NOT_DATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json", "config.json",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+            "adapter_config.json", "summary.json", "data_stats.json", "time_metrics.json"}
 
 
 def is_glob(spec: str) -> bool:
@@ -32,7 +36,10 @@ def is_glob(spec: str) -> bool:
 
 
 def data_kind(path: Path) -> str | None:
-    """'json', 'parquet', 'csv' or 'arrow' for a data file name, else None."""
+    """'json', 'parquet', 'csv' or 'arrow' for a data file name, else None (also for the metadata
+    JSON of dataset and model folders)."""
+    if path.name.lower() in NOT_DATA:
+        return None
     name = path.name.lower().removesuffix(".gz").removesuffix(".zst")
     for suffix, kind in ((".jsonl", "json"), (".json", "json"), (".ndjson", "json"), (".parquet", "parquet"),
                          (".csv", "csv"), (".tsv", "csv"), (".arrow", "arrow"), (".feather", "arrow")):
