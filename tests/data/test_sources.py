@@ -233,6 +233,9 @@ def test_shards_that_do_not_fit_together_fail_in_one_line(tmp_path, make, match)
 def test_a_pattern_that_matches_nothing_and_a_home_path(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no data file matches this pattern"):
         load_chats(f"{tmp_path}/*.jsonl")
+    (tmp_path / "data[1].jsonl").write_bytes(jsonl_bytes())  # a name with pattern characters, as it is
+    assert load_chats(f"{tmp_path}/data[1].jsonl") == CHATS
+    (tmp_path / "data[1].jsonl").unlink()
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes())
     assert load_chats("~/d.jsonl") == CHATS

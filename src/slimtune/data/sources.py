@@ -109,7 +109,7 @@ def open_source(spec: str, split: str | None = None, subset: str | None = None) 
         return _open_hub(spec[3:], split or "train", subset)
     from .formats import resolve_path
     from .shards import folder_files, glob_files, is_glob, open_files
-    if is_glob(spec) and not spec.startswith("builtin:"):
+    if is_glob(spec) and not spec.startswith("builtin:") and not Path(spec).expanduser().exists():  # data[1].jsonl
         return open_files(spec, glob_files(spec), open_source)
     path = resolve_path(spec)
     if path.is_dir():
