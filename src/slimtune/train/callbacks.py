@@ -135,7 +135,8 @@ class Stopper:
         else:
             self.since_best += 1
         if c.max_minutes is not None and elapsed_s >= c.max_minutes * 60:
-            self.reason = f"time cap of {c.max_minutes:g} min reached"
+            # the progress line's elapsed is training only; the cap counts loading and evaluations too
+            self.reason = f"time cap of {c.max_minutes:g} min reached (loading and evaluations count)"
         elif c.plateau_patience and step >= c.plateau_min_steps and self.since_best >= c.plateau_patience:
             self.reason = (f"training loss plateaued: no improvement of {c.plateau_min_delta:g} "
                            f"in {self.since_best} steps")
