@@ -153,6 +153,72 @@ PHI3 = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
 )
 
+ZEPHYR = (
+    "{%- for m in messages -%}"
+    "{{- '<|' + m.role + '|>\\n' + m.content + eos_token + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+VICUNA = (
+    "{%- if messages[0].role == 'system' -%}{%- set sys = messages[0].content -%}{%- set msgs = messages[1:] -%}"
+    "{%- else -%}{%- set sys = 'A chat between a curious user and an artificial intelligence assistant.' -%}"
+    "{%- set msgs = messages -%}{%- endif -%}"
+    "{{- bos_token + sys + ' ' -}}"
+    "{%- for m in msgs -%}"
+    "{%- if m.role == 'user' -%}{{- 'USER: ' + m.content + ' ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' + m.content + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+GRANITE = (
+    "{%- if messages[0].role == 'system' -%}{%- set sys = messages[0].content -%}{%- set msgs = messages[1:] -%}"
+    "{%- else -%}{%- set sys = 'Knowledge Cutoff Date: April 2024.\\nToday\\'s Date: April 1, 2025.\\n"
+    "You are Granite, developed by IBM.' -%}{%- set msgs = messages -%}{%- endif -%}"
+    "{{- '<|start_of_role|>system<|end_of_role|>' + sys + '<|end_of_text|>\\n' -}}"
+    "{%- for m in msgs -%}"
+    "{{- '<|start_of_role|>' + m.role + '<|end_of_role|>' + m.content + '<|end_of_text|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_of_role|>assistant<|end_of_role|>' -}}{%- endif -%}"
+)
+
+PHI4 = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m.role + '<|im_sep|>' + m.content + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}"
+)
+
+COMMAND_R = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{%- set tag = {'system': '<|SYSTEM_TOKEN|>', 'user': '<|USER_TOKEN|>', 'assistant': '<|CHATBOT_TOKEN|>'}[m.role] -%}"
+    "{{- '<|START_OF_TURN_TOKEN|>' + tag + m.content + '<|END_OF_TURN_TOKEN|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' -}}{%- endif -%}"
+)
+
+DEEPSEEK_R1 = (
+    "{{- bos_token -}}"
+    "{%- for m in messages if m.role == 'system' -%}{{- m.content -}}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{{- '<｜User｜>' + m.content -}}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{%- set content = m.content.split('</think>')[-1] if '</think>' in m.content else m.content -%}"
+    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\\n' -}}{%- endif -%}"
+)
+
+GENERATION_TAGS = (  # HF's {% generation %} markers (for return_assistant_tokens_mask) around each answer
+    "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 _CHATML = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 _LLAMA = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 _THINK = ["<think>", "</think>"]  # added but not special, as in Qwen3 / SmolLM3
@@ -173,3 +239,26 @@ TEMPLATE_FAMILIES = {
     "phi3": dict(template=PHI3, specials=["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
                  eos="<|endoftext|>", bos=None, pad="<|endoftext|>"),
 }
+
+
+# More families (tests/data/test_more_templates.py, test_render.py): spec + the end of turn each answer ends with
+MORE = {
+    "zephyr": dict(template=ZEPHYR, specials=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+                   eos="</s>", bos="<s>", pad="</s>", eot="</s>"),
+    "vicuna": dict(template=VICUNA, specials=["<s>", "</s>"], eos="</s>", bos="<s>", pad="</s>", eot="</s>",
+                   lead=" "),
+    "granite": dict(template=GRANITE, specials=["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"],
+                    eos="<|end_of_text|>", bos=None, pad="<|end_of_text|>", eot="<|end_of_text|>"),
+    "phi4": dict(template=PHI4, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"],
+                 eos="<|im_end|>", bos=None, pad="<|endoftext|>", eot="<|im_end|>"),
+    "command_r": dict(template=COMMAND_R, specials=["<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
+                                                    "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<PAD>"],
+                      eos="<|END_OF_TURN_TOKEN|>", bos="<BOS_TOKEN>", pad="<PAD>", eot="<|END_OF_TURN_TOKEN|>"),
+    "generation_tags": dict(template=GENERATION_TAGS, specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                            eos="<|im_end|>", bos=None, pad="<|endoftext|>", eot="<|im_end|>"),
+    "deepseek_r1": dict(template=DEEPSEEK_R1, specials=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                                                        "<｜User｜>", "<｜Assistant｜>"],
+                        eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>", pad="<｜end▁of▁sentence｜>",
+                        eot="<｜end▁of▁sentence｜>", added=["<think>", "</think>"]),
+}
+TEMPLATE_FAMILIES.update({k: {f: v for f, v in spec.items() if f not in ("eot", "lead")} for k, spec in MORE.items()})

@@ -1,5 +1,5 @@
-"""More template families, written here from the shapes of real ones: the trained tokens must be
-exactly each assistant turn and its end of turn, whatever marks the turns.
+"""Template families beyond the common ones (tests/templates.py MORE, written from the shapes of real
+ones; test_render.py checks each one's trained spans exactly), and what only some of them do:
 
     zephyr     <|user|>\\n...</s>\\n<|assistant|>\\n...</s>\\n      eos ends each turn, a newline after it
     vicuna     plain "USER: ... ASSISTANT: ...</s>", no turn tokens at all, a default system line; its
@@ -14,109 +14,10 @@ exactly each assistant turn and its end of turn, whatever marks the turns.
 """
 
 import pytest
-from test_render import MULTI, NO_SYSTEM_MULTI, SINGLE, expected, trained_runs
-from tiny import FAMILIES, make_tokenizer
+from test_render import trained_runs
+from tiny import make_tokenizer
 
 from slimtune import render_chat
-
-ZEPHYR = (
-    "{%- for m in messages -%}"
-    "{{- '<|' + m.role + '|>\\n' + m.content + eos_token + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
-
-VICUNA = (
-    "{%- if messages[0].role == 'system' -%}{%- set sys = messages[0].content -%}{%- set msgs = messages[1:] -%}"
-    "{%- else -%}{%- set sys = 'A chat between a curious user and an artificial intelligence assistant.' -%}"
-    "{%- set msgs = messages -%}{%- endif -%}"
-    "{{- bos_token + sys + ' ' -}}"
-    "{%- for m in msgs -%}"
-    "{%- if m.role == 'user' -%}{{- 'USER: ' + m.content + ' ' -}}"
-    "{%- else -%}{{- 'ASSISTANT: ' + m.content + eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
-
-GRANITE = (
-    "{%- if messages[0].role == 'system' -%}{%- set sys = messages[0].content -%}{%- set msgs = messages[1:] -%}"
-    "{%- else -%}{%- set sys = 'Knowledge Cutoff Date: April 2024.\\nToday\\'s Date: April 1, 2025.\\n"
-    "You are Granite, developed by IBM.' -%}{%- set msgs = messages -%}{%- endif -%}"
-    "{{- '<|start_of_role|>system<|end_of_role|>' + sys + '<|end_of_text|>\\n' -}}"
-    "{%- for m in msgs -%}"
-    "{{- '<|start_of_role|>' + m.role + '<|end_of_role|>' + m.content + '<|end_of_text|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_of_role|>assistant<|end_of_role|>' -}}{%- endif -%}"
-)
-
-PHI4 = (
-    "{%- for m in messages -%}"
-    "{{- '<|im_start|>' + m.role + '<|im_sep|>' + m.content + '<|im_end|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}"
-)
-
-COMMAND_R = (
-    "{{- bos_token -}}"
-    "{%- for m in messages -%}"
-    "{%- set tag = {'system': '<|SYSTEM_TOKEN|>', 'user': '<|USER_TOKEN|>', 'assistant': '<|CHATBOT_TOKEN|>'}[m.role] -%}"
-    "{{- '<|START_OF_TURN_TOKEN|>' + tag + m.content + '<|END_OF_TURN_TOKEN|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' -}}{%- endif -%}"
-)
-
-DEEPSEEK_R1 = (
-    "{{- bos_token -}}"
-    "{%- for m in messages if m.role == 'system' -%}{{- m.content -}}{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'user' -%}{{- '<｜User｜>' + m.content -}}"
-    "{%- elif m.role == 'assistant' -%}"
-    "{%- set content = m.content.split('</think>')[-1] if '</think>' in m.content else m.content -%}"
-    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\\n' -}}{%- endif -%}"
-)
-
-GENERATION_TAGS = (  # HF's {% generation %} markers (for return_assistant_tokens_mask) around each answer
-    "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-NEW = {
-    "zephyr": dict(template=ZEPHYR, specials=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
-                   eos="</s>", bos="<s>", pad="</s>", eot="</s>"),
-    "vicuna": dict(template=VICUNA, specials=["<s>", "</s>"], eos="</s>", bos="<s>", pad="</s>", eot="</s>",
-                   lead=" "),
-    "granite": dict(template=GRANITE, specials=["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"],
-                    eos="<|end_of_text|>", bos=None, pad="<|end_of_text|>", eot="<|end_of_text|>"),
-    "phi4": dict(template=PHI4, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"],
-                 eos="<|im_end|>", bos=None, pad="<|endoftext|>", eot="<|im_end|>"),
-    "command_r": dict(template=COMMAND_R, specials=["<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
-                                                    "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<PAD>"],
-                      eos="<|END_OF_TURN_TOKEN|>", bos="<BOS_TOKEN>", pad="<PAD>", eot="<|END_OF_TURN_TOKEN|>"),
-    "generation_tags": dict(template=GENERATION_TAGS, specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-                            eos="<|im_end|>", bos=None, pad="<|endoftext|>", eot="<|im_end|>"),
-    "deepseek_r1": dict(template=DEEPSEEK_R1, specials=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
-                                                        "<｜User｜>", "<｜Assistant｜>"],
-                        eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>", pad="<｜end▁of▁sentence｜>",
-                        eot="<｜end▁of▁sentence｜>", added=["<think>", "</think>"]),
-}
-FAMILIES.update({k: {f: v for f, v in spec.items() if f not in ("eot", "lead")} for k, spec in NEW.items()})
-
-
-@pytest.mark.parametrize("family", list(NEW))
-@pytest.mark.parametrize("chat", [SINGLE, MULTI, NO_SYSTEM_MULTI], ids=["single", "multi", "multi_nosys"])
-@pytest.mark.parametrize("train_on", ["assistant", "last"])
-def test_trained_tokens_are_exactly_assistant_turns(family, chat, train_on):
-    tok = make_tokenizer(family)
-    ids, labels = render_chat(chat, tok, train_on=train_on)
-    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(ids, labels)]
-    lead = NEW[family].get("lead", "")
-    assert runs == [lead + r for r in expected(chat, NEW[family]["eot"], train_on)]
-    assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(chat, tokenize=False)
 
 
 def test_a_template_that_strips_inline_reasoning_everywhere_is_refused_unless_answers_only():

@@ -1,6 +1,7 @@
 """The mask is the contract: trained tokens decode to exactly the assistant turns + end of turn."""
 
 import pytest
+from templates import MORE
 from tiny import make_tokenizer
 
 from slimtune import render_chat
@@ -8,6 +9,8 @@ from slimtune.data.render import IGNORE, render_prompt
 from slimtune.errors import DataError
 
 EOT = {"chatml": "<|im_end|>", "chatml_gen": "<|im_end|>", "llama3": "<|eot_id|>", "default_system": "<|im_end|>"}
+EOT.update({k: spec["eot"] for k, spec in MORE.items()})  # Zephyr, Vicuna, Granite, Phi-4, Command-R, ...
+LEAD = {k: spec.get("lead", "") for k, spec in MORE.items()}  # text the model writes before the answer
 
 SINGLE = [{"role": "user", "content": "What is the capital of France?"},
           {"role": "assistant", "content": "The capital of France is Paris."}]
@@ -48,7 +51,7 @@ def test_trained_tokens_are_exactly_assistant_turns(family, chat, train_on):
     ids, labels = render_chat(chat, tok, train_on=train_on)
     assert len(ids) == len(labels)
     runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(ids, labels)]
-    assert runs == expected(chat, EOT[family], train_on)
+    assert runs == [LEAD.get(family, "") + r for r in expected(chat, EOT[family], train_on)]
     # Everything else is the template's text: the whole sequence decodes to the rendering.
     assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(chat, tokenize=False)
 
