@@ -54,7 +54,7 @@ def run(spec: dict) -> dict:
     from slimtune.config import LossCfg, MethodCfg
     from slimtune.data.batching import collate, count_trained
     from slimtune.train.forward import KLTerm, batch_loss, hidden_states, kl_positions, output_layer
-    from slimtune.losses import reference_loss
+    from slimtune.losses.sft import reference_loss
     from slimtune.methods import apply_method
     from slimtune.models import load_model, load_tokenizer
 

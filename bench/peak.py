@@ -205,7 +205,7 @@ def run(spec: dict) -> dict:
 
 def _loss_from_hidden(model, batch, hidden, loss_cfg, normaliser):
     from slimtune.train.forward import output_layer
-    from slimtune.losses import chunked_loss
+    from slimtune.losses.sft import chunked_loss
 
     h = hidden[:, :-1]
     targets = batch["labels"][:, 1:]

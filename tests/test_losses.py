@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtune.losses import chunked_loss, reference_loss, token_kl
+from slimtune.losses.sft import chunked_loss, reference_loss, token_kl
 
 N, H, V = 13, 8, 11
 DOC = Path(__file__).resolve().parents[1] / "docs" / "kl.md"

@@ -11,7 +11,7 @@ from tiny import make_model, make_tokenizer
 
 from slimtune.config import MethodCfg, build_config
 from slimtune.data.preference import render_pair
-from slimtune.losses_pref import token_logps
+from slimtune.losses.preference import token_logps
 from slimtune.methods import apply_method
 from slimtune.train.preference import KTO, PREFERENCE_OBJECTIVES, collate_sequences
 

@@ -172,7 +172,7 @@ class LossCfg:
     """kl_positions=last_n: how many positions at the end of each example."""
     chunk_size: int = 1024
     """Tokens per chunk of the output projection: peak logits memory = chunk x vocab."""
-    # --- preference objectives (train/preference.py, losses_pref.py)
+    # --- preference objectives (train/preference.py, losses/preference.py)
     beta: float = 0.1
     """dpo / ipo / kto: how far from the base the tuned model may move (higher: stay closer;
     ipo: its tau, the target log-ratio margin is 1 / (2 beta) per token)."""

@@ -11,7 +11,7 @@ from ..config import LossCfg
 from ..data.batching import collate, length_grouped_batches
 from ..data.render import IGNORE
 from ..fastgen import merged
-from ..losses import chunked_loss
+from ..losses.sft import chunked_loss
 from ..train.forward import KLTerm, batch_loss, output_layer, reference_states
 from .states import batch_key
 

@@ -17,7 +17,7 @@ import torch
 from ..config import LossCfg
 from ..data.render import IGNORE
 from ..errors import ConfigError
-from ..losses import LossOut, chunked_loss
+from ..losses.sft import LossOut, chunked_loss
 from ..methods import adapters_disabled, base_of
 
 

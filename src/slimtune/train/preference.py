@@ -5,7 +5,7 @@ A batch of n pairs is ONE forward pass over 2n rows, chosen first then rejected:
     input_ids  (2n, T)   prompt_i + chosen_i  for i < n,  prompt_i + rejected_i  for i >= n
     labels     (2n, T)   completion tokens (content + end-of-turn), -100 on prompt and padding
 
-Sequence log-probs are sums over completion positions only (`losses_pref.token_logps`, chunked:
+Sequence log-probs are sums over completion positions only (`losses.preference.token_logps`, chunked:
 never (2n, T, V) logits). The reference is the base (adapters off, or `ref_model` for full
 fine-tuning); its hidden states go through the same chunk loop, which also yields the per-token
 KL(base || tuned) logged as `kl`. With `loss.precompute_reference` the reference log-probs are
@@ -20,7 +20,7 @@ import zlib
 
 import torch
 
-from .. import losses_pref as L
+from ..losses import preference as L
 from ..data.render import IGNORE
 from .forward import base_hidden, hidden_states, output_layer
 from .objectives import Objective, StepOut

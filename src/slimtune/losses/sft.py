@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.render import IGNORE  # one definition: the label of untrained positions
+from ..data.render import IGNORE  # one definition: the label of untrained positions
 
 DIRECTIONS = ("forward", "reverse", "jsd")
 

@@ -1,0 +1,5 @@
+"""Pure loss functions from hidden states at trained positions; no training state, no model.
+
+    sft.py         chunked CE and KL / JSD to a reference (KL-anchored SFT, distillation)
+    preference.py  chunked per-token log-probs; DPO, IPO, ORPO, SimPO, KTO on sequence log-probs
+"""
