@@ -1,5 +1,5 @@
 """Generation for `slimtune eval`: one prompt at a time with the adapter unmerged (before issue 16)
-against fastgen (batched, merged, finished rows dropped), interleaved in one process.
+against generate_many (batched, merged, finished rows dropped), interleaved in one process.
 
     python bench/eval_speed.py runs/quickstart --prompts 24 --rounds 1
 
@@ -35,8 +35,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from slimtune.evaluate.base_vs_tuned import BaseVsTuned
-    from slimtune.fastgen import generate_many, merged, settings_from
-    from slimtune.generate import generate, load_prompts
+    from slimtune.generate import generate_many, merged, settings_from
+    from slimtune.data.prompts import load_prompts
+    from slimtune.generate import generate
 
     t0 = time.perf_counter()
     pair = BaseVsTuned(args.run)

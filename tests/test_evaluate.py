@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tolerance import assert_fp32_close, fp32_atol
 from test_methods import CHATS
 from tiny import make_model
 
@@ -56,5 +57,9 @@ def test_base_loss_from_the_kl_pass_and_merged_tuned_pass(tokenizer, method):
     assert abs(base["loss"] - plain["loss"]) > 1e-3  # the adapter does change the model
     assert both["base_loss"] == pytest.approx(base["loss"], rel=1e-6)
     assert both["base_ppl"] == pytest.approx(base["ppl"], rel=1e-6)
-    assert {k: both[k] for k in plain} == pytest.approx(plain, rel=1e-5, abs=1e-8)
+    # loss, ppl and KL are built from per-token log-probs of size ~loss; merged and unmerged
+    # matmuls round differently, so they agree to float32's epsilon times that size (ppl: x ppl)
+    assert_fp32_close({k: both[k] for k in plain if k != "ppl"}, {k: v for k, v in plain.items() if k != "ppl"},
+                      magnitude=plain["loss"])
+    assert both["ppl"] == pytest.approx(plain["ppl"], rel=fp32_atol(plain["loss"]))
     assert not any(getattr(m, "merged", False) for m in model.modules())

@@ -8,27 +8,33 @@ from test_run import make_run
 from tiny import make_model, make_tokenizer
 
 from slimtune.data.render import render_chat, render_prompt
-from slimtune.generate import chat_loop, generate, load_prompts, stop_ids
+from slimtune.chat import chat_loop
+from slimtune.data.prompts import load_prompts
+from slimtune.generate import generate, stop_ids
 from slimtune.methods import adapters_disabled
 from slimtune.runfolder import load_run
 
 CHAT = [{"role": "user", "content": "Hello there"}]
 
 
-class Recorder:
-    """Wraps a model: remembers the input_ids generate got; can force the next tokens."""
+class Recorder(torch.nn.Module):
+    """Wraps a model: remembers the prompt ids of each prefill; can force the next tokens (the
+    script: one token per forward call, by making it the only finite logit)."""
 
     def __init__(self, model, script=None):
-        self.model, self.script, self.prompts = model, script, []
+        super().__init__()
+        self.model, self.script, self.prompts, self.calls = model, script, [], 0
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate(self, input_ids, **kw):
-        self.prompts.append(input_ids[0].tolist())
-        if self.script is None:
-            return self.model.generate(input_ids=input_ids, **kw)
-        return torch.cat([input_ids, torch.tensor([self.script])], dim=1)
+    def forward(self, input_ids, **kw):
+        if kw.get("past_key_values") is None or kw["past_key_values"].get_seq_length() == 0:
+            self.prompts.append(input_ids[0].tolist())
+        out = self.model(input_ids=input_ids, **kw)
+        if self.script is not None:
+            forced = torch.full_like(out.logits, -1e9)
+            forced[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
+            out.logits = forced
+        self.calls += 1
+        return out
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama3", "default_system"])
@@ -102,12 +108,10 @@ def test_every_adapter_generates(tmp_path, tiny_dir, method):
 
     # a push of 1.0 (not the default 0.2) so that every method's adapter changes some greedy token
     model, tok, _ = load_run(make_run(tmp_path, tiny_dir, method, scale=1.0))
-    rec = Recorder(model)
-    tuned = generate(rec, tok, CHAT, 6)
+    tuned = generate(model, tok, CHAT, 6)
     with adapters_disabled(model):
         base = generate(model, tok, CHAT, 6)
-    prompt = render_prompt(CHAT, tok)
-    assert rec.prompts[0] == prompt
+    prompt = render_prompt(CHAT, tok)  # the greedy chains below start from it
     stops = stop_ids(tok, model)
     want_tuned = greedy_chain(model, prompt, 6, stops)
     want_base = greedy_chain(load_model(tiny_dir), prompt, 6, stops)  # a second, untouched copy of the base

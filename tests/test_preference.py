@@ -5,6 +5,7 @@ import copy
 import math
 
 import pytest
+from tolerance import assert_fp32_close
 import torch
 import torch.nn.functional as F
 from tiny import make_model, make_tokenizer
@@ -179,8 +180,9 @@ def test_pieces_of_a_batch_sum_to_the_whole_batch(tok, pairs):
     model.zero_grad()
     for piece in (pairs[:1], pairs[1:4], pairs[4:]):
         obj(model, obj.collate(piece, tok.pad_token_id), len(pairs), 0).loss.backward()
+    # the pieces sum the same float32 terms in another order: equal to epsilon x the gradients' size
     for k, v in lora_grads(model).items():
-        torch.testing.assert_close(v, whole[k], rtol=1e-4, atol=1e-7)
+        assert_fp32_close(v, whole[k], magnitude=whole[k].abs().max())
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto"])

@@ -102,10 +102,10 @@ def test_chat_answers_greedily(qlora_run):
 
 
 def test_eval_answers_base_and_tuned_in_one_batch(qlora_run, gen_cache):
-    """QLoRA's 4-bit LoRA layers take base rows and tuned rows in one batch (fastgen.can_mix):
+    """QLoRA's 4-bit LoRA layers take base rows and tuned rows in one batch (generate.can_mix):
     the same greedy answers as the adapter switched off and on, one prompt at a time."""
     from slimtune.evaluate.base_vs_tuned import BaseVsTuned
-    from slimtune.fastgen import GenSettings, can_mix
+    from slimtune.generate import GenSettings, can_mix
     from slimtune.generate import generate
 
     pair = BaseVsTuned(str(qlora_run["run"]))
@@ -115,3 +115,41 @@ def test_eval_answers_base_and_tuned_in_one_batch(qlora_run, gen_cache):
     with pair.base() as b:
         assert [a["text"] for a in base] == [generate(b, pair.tok, c, 6)["text"] for c in chats]
     assert [a["text"] for a in tuned] == [generate(pair.model, pair.tok, c, 6)["text"] for c in chats]
+
+
+@pytest.mark.parametrize("hidden", [32, 128])
+def test_gradients_reach_lower_layers_after_an_evaluation(tmp_path, hidden):
+    """An eval-mode pass must not switch a 4-bit layer to a kernel without autograd: on a CPU with
+    AVX512-BF16 bitsandbytes repacks weights for a bf16 kernel at the first no-grad eval forward,
+    after which training forwards cut the gradient to every layer below (and narrow layers fail).
+    The LoRA gradients of the first layer are the same before and after an evaluation. hidden=32
+    has layers narrower than the 64-wide quantisation block (the repacking fails on them); 128 has
+    only layers the bf16 kernel accepts (it repacks them, and the gradient would be cut)."""
+    from tiny import save_tiny
+
+    from slimtune.config import MethodCfg
+    from slimtune.methods import apply_method
+    from slimtune.models import load_model
+
+    base = save_tiny(tmp_path / "m", hidden=hidden)
+    model = apply_method(load_model(base, quantize_4bit=True), MethodCfg(name="qlora", r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[5, 9, 12, 7, 3, 11, 4, 8]])
+
+    def first_layer_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and p.grad is not None}
+
+    before = first_layer_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = first_layer_grads()
+    assert before and before.keys() == after.keys()
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], rtol=1e-5, atol=1e-7)

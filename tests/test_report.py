@@ -22,7 +22,8 @@ def run(tmp_path_factory):
 def test_report_is_self_contained(run, gen_cache):
     import html
 
-    from slimtune.generate import generate, load_prompts
+    from slimtune.data.prompts import load_prompts
+    from slimtune.generate import generate
     from slimtune.methods import adapters_disabled
     from slimtune.runfolder import load_run
 

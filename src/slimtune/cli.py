@@ -228,7 +228,7 @@ def cmd_data_neg_guard(args):
 
 def cmd_data_pairs(args):
     from .data.preference import pairs_from_sft
-    from .fastgen import GenSettings, generate_many, merged
+    from .generate import GenSettings, generate_many, merged
     from .runfolder import load_run
     from .utils import atomic_write_text
 
@@ -352,8 +352,9 @@ def add_chat(sub):
 
 def cmd_chat(args):
     from .data.formats import with_system
-    from .fastgen import merged, settings_from
-    from .generate import Streamer, chat_loop, generate
+    from .generate import merged, settings_from
+    from .chat import Streamer, chat_loop
+    from .generate import generate
     from .runfolder import load_run
 
     model, tok, cfg = load_run(args.target, args.dtype)

@@ -166,6 +166,27 @@ def method_of(name: str) -> Method:
     return METHODS[name]
 
 
+def method_of_model(model) -> Method | None:
+    """The table row of a loaded model's adapter (None: a plain model, nothing to merge or add).
+
+    Read from the PEFT config PEFT saved (its type, DoRA / rsLoRA flags) and the 4-bit base, so a
+    model loaded from any run folder is classified the same way the config that trained it was.
+    """
+    cfgs = getattr(getattr(model, "module", model), "peft_config", None)
+    if not cfgs:
+        return None
+    c = next(iter(cfgs.values()))
+    kind = str(c.peft_type).split(".")[-1].lower()
+    four = getattr(model, "is_loaded_in_4bit", False) or getattr(base_of(model), "is_loaded_in_4bit", False)
+    if kind == "lora":
+        name = "qlora" if four else "dora" if c.use_dora else "rslora" if c.use_rslora else "lora"
+    else:
+        name = {"ia3": "ia3", "prompt_tuning": "prompt_tuning", "prefix_tuning": "prefix_tuning"}.get(kind)
+    if name is None:
+        raise ConfigError(f"this model's adapter ({kind}) is not one slimtune trains; methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def peft_config(model, cfg, tokenizer_path: str | None = None):
     """The PEFT config for `cfg` on `model` (None for full fine-tuning)."""
     build = method_of(cfg.name).build

@@ -132,7 +132,29 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, path, "model", **kwargs)
     if device and not quantize_4bit:
         model.to(device)
+    if quantize_4bit:
+        keep_4bit_differentiable(model)
     return model.eval()
+
+
+def keep_4bit_differentiable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer on its dequantise-and-matmul kernel; returns the count.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a layer's weights for a bf16 kernel at
+    its first eval-mode forward without grad. That kernel (1) refuses layers whose input width is
+    below the quantisation block or whose output is not a multiple of 32 ("shape '[32, 0]' is
+    invalid"), (2) computes in bf16 (eval loss no longer matches training's), and (3) has no
+    autograd: once repacked, a training forward returns outputs with no gradient path to their
+    input, so every LoRA layer below it silently loses that share of its gradient. The
+    dequantising kernel works for any layer shape and carries gradients, so QLoRA uses it
+    everywhere (measured: without this, x.grad of a repacked layer is None after backward).
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def model_info(model) -> dict:

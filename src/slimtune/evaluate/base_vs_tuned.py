@@ -19,7 +19,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fastgen import GenSettings, can_mix, generate_many, merged
+from ..generate import GenSettings, can_mix, generate_many, merged
 
 CACHE_VERSION = 1  # bump when generation changes what an answer is
 
@@ -86,7 +86,7 @@ class BaseVsTuned:
     def answer_both(self, chats, settings: GenSettings, batch_size: int = 32, use_cache: bool = True,
                     log=None) -> tuple[list[dict], list[dict]]:
         """(base answers, tuned answers). Base answers come from the cache where they can; the
-        missing ones share batches with the tuned ones when the adapter allows (fastgen.can_mix),
+        missing ones share batches with the tuned ones when the adapter allows (generate.can_mix),
         which costs little more than the tuned side alone. Sampled answers use seed + position,
         as `answer_base` and `answer_tuned` do."""
         if not self.is_run:

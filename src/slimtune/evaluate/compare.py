@@ -2,7 +2,7 @@
 
 Every prompt is answered greedily and with seeded sampling (prompt i samples with seed + i for
 every model, so differences come from the models), all prompts of a model in batches
-(fastgen), shown side by side in the terminal and written to a Markdown file (plus the same
+(generate_many), shown side by side in the terminal and written to a Markdown file (plus the same
 content as JSON, which `slimtune report` shows). The base's answers come from the cache that
 `slimtune eval` fills (evaluate/base_vs_tuned.py) when the settings match.
 """
@@ -32,8 +32,8 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
     (default RUN/compare.md of the first run) and the same stem with .json. knobs: top_p, top_k,
     repetition_penalty, no_repeat_ngram_size (None: the first run's eval settings).
     """
-    from ..fastgen import settings_from
-    from ..generate import last_user, load_prompts
+    from ..generate import settings_from
+    from ..data.prompts import last_user, load_prompts
     from .base_vs_tuned import BaseVsTuned
     from .suite import PROMPTS
 

@@ -10,7 +10,7 @@ import torch
 from ..config import LossCfg
 from ..data.batching import collate, length_grouped_batches
 from ..data.render import IGNORE
-from ..fastgen import merged
+from ..generate import merged
 from ..losses.sft import chunked_loss
 from ..train.forward import KLTerm, batch_loss, output_layer, reference_states
 from .states import batch_key
@@ -30,7 +30,7 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
 
     base_loss (with kl): also the base's own loss and perplexity ("base_loss", "base_ppl") from the
     hidden states the KL takes from the base anyway, so the base runs once, not twice.
-    merge: the tuned pass runs with the adapter folded into the weights (`fastgen.merged`; the base
+    merge: the tuned pass runs with the adapter folded into the weights (`generate.merged`; the base
     pass runs first, adapters off). For evaluation of a finished run: merging and unmerging leaves
     float rounding in the base weights, which training must not accumulate.
     """

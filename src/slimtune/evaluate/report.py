@@ -92,8 +92,8 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
         return json.loads(eval_json.read_text()).get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
-    from ..fastgen import settings_from
-    from ..generate import last_user, load_prompts
+    from ..generate import settings_from
+    from ..data.prompts import last_user, load_prompts
     from .base_vs_tuned import BaseVsTuned
     from .suite import PROMPTS
 

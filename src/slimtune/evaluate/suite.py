@@ -1,7 +1,7 @@
 """`slimtune eval RUN`: held-out loss/ppl for base and tuned, KL to base, and what the answers do.
 
     held-out examples --heldout_metrics--> loss, ppl (base: adapters off), KL(base || tuned)
-    prompts + IFEval prompts --fastgen (batched; base answers cached)--> answers
+    prompts + IFEval prompts --generate (batched; base answers cached)--> answers
         --style / repetition--> lists, headings, banned, tags, loops, distinct-n ...
         --ifeval--> instruction-following pass rates
         --judge (optional)--> which answer an LLM judge prefers
@@ -182,8 +182,8 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
     eval settings). Progress goes to `log` (default: stderr); `format_table(result)` is the table.
     """
-    from ..fastgen import settings_from
-    from ..generate import last_user, load_prompts
+    from ..generate import settings_from
+    from ..data.prompts import last_user, load_prompts
     from ..runfolder import run_kind
     from ..methods import method_of
     from .base_vs_tuned import BaseVsTuned
@@ -284,7 +284,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
 
 def sample_rows(chats, if_rows, base_all, tuned_all, banned) -> list[dict]:
     """One row per prompt for eval_samples.jsonl: the prompt, both answers and every per-answer metric."""
-    from ..generate import last_user
+    from ..data.prompts import last_user
     from .ifeval import sample_ifeval
 
     rows = []

@@ -32,7 +32,7 @@ def parity_inputs(tokenizer, system_prompt: str | None = None, n: int = 3) -> li
     """Token ids of a few eval prompts (with the assistant header) and one whole training chat."""
     from ..data.formats import builtin_path, load_chats
     from ..data.render import render_chat, render_prompt
-    from ..generate import load_prompts
+    from ..data.prompts import load_prompts
 
     ids = [render_prompt(c, tokenizer) for c in load_prompts("builtin:eval_prompts", n, system_prompt)]
     chat = load_chats(builtin_path("instructions"))[0]

@@ -11,7 +11,7 @@ from test_run import make_run
 from tiny import make_model, make_tokenizer
 
 from slimtune.data.render import render_prompt
-from slimtune.fastgen import GenSettings, _decode, can_merge, generate_many, merged, settings_from
+from slimtune.generate import GenSettings, _decode, can_merge, generate_many, merged, settings_from
 from slimtune.generate import generate, stop_ids
 from slimtune.runfolder import load_run
 
@@ -131,7 +131,7 @@ def test_base_and_tuned_rows_in_one_batch_equal_the_separate_paths(tmp_path, tin
     """answer_both: base rows (adapter off) and tuned rows share batches and give what the base
     alone and the tuned model alone give, greedy and sampled (seed + position on both sides)."""
     from slimtune.evaluate.base_vs_tuned import BaseVsTuned
-    from slimtune.fastgen import can_mix
+    from slimtune.generate import can_mix
 
     run = make_run(tmp_path, tiny_dir, method)
     pair = BaseVsTuned(run)
