@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub 
 # 2-core machine made the suite 4-6x slower; subprocess tests inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# train.mixed_precision=auto picks bf16 on CPUs with AVX512-BF16 / AMX: pin the answer to "no native
+# bf16" so that every test computes the same on every CPU (test_precision checks both answers).
+os.environ["SLIMTUNE_CPU_BF16"] = "0"
 # Sources and rendered examples are cached on disk: keep the tests' copies out of the user's cache.
 os.environ.setdefault("SLIMTUNE_DATA_CACHE", tempfile.mkdtemp(prefix="slimtune-test-data-"))
 os.environ.setdefault("SLIMTUNE_STATES_CACHE", tempfile.mkdtemp(prefix="slimtune-test-states-"))

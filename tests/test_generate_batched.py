@@ -152,3 +152,24 @@ def test_base_and_tuned_rows_in_one_batch_equal_the_separate_paths(tmp_path, tin
     assert [bool(a.get("cached")) for a in base] == [True] * 4 + [False] * 4
     assert [a["text"] for a in base][:4] == [a["text"] for a in pair.answer_base(CHATS[:4], s, 4)]
     assert [a["text"] for a in base] == [a["text"] for a in pair.answer_base(CHATS, s, 4, use_cache=False)]
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_generation_follows_the_runs_precision(monkeypatch, native):
+    """eval / compare / chat decode under bf16 autocast only where training chose it and the device
+    has native bf16; the decoding itself runs under autocast then (bf16 matmuls)."""
+    from slimtune.config import Config
+    from slimtune.generate import settings_for
+
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
+    cfg = Config()
+    for mp, want in (("auto", "bf16"), ("bf16", "bf16"), ("no", "no")):
+        cfg.train.mixed_precision = mp
+        assert settings_for(cfg).autocast == (want if native == "1" else "no")
+    tok = make_tokenizer("chatml")
+    model = ending_model(tok)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2, autocast="bf16"))
+    generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2))
+    assert seen[0] == torch.bfloat16 and seen[-1] == torch.float32

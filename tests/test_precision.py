@@ -87,3 +87,35 @@ def test_loop_trains_under_autocast(tiny_dir, tmp_path, mode):
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).values())
+
+
+def test_auto_is_bf16_only_where_native_and_applicable():
+    from slimtune.config import auto_precision
+
+    assert auto_precision("cpu", "float32", native_bf16=True) == "bf16"
+    assert auto_precision("cuda:0", "float32", native_bf16=True) == "bf16"
+    assert auto_precision("cpu", "float32", native_bf16=False) == "no"      # emulated: slower than fp32
+    assert auto_precision("cpu", "bfloat16", native_bf16=True) == "no"      # autocast needs fp32 weights
+    assert auto_precision("cpu", "float32", True, four_bit=True) == "no"    # bitsandbytes computes fp32 on CPU
+    assert auto_precision("mps", "float32", native_bf16=True) == "no"
+    assert build_config({}, []).train.mixed_precision == "auto"              # the default
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_auto_resolves_from_the_cpus_capability(tiny_dir, tmp_path, monkeypatch, native):
+    """The CPU's answer mocked both ways: auto trains in bf16 autocast where the CPU has it and in
+    float32 where not; the choice is printed and written in config.yaml."""
+    import yaml
+
+    from slimtune.train.loop import setup
+
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
+    data = write_data(tmp_path / "d.jsonl")
+    lines = []
+    s = setup(build_config({}, run_args(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 1})), lines.append)
+    want = "bf16" if native == "1" else "no"
+    assert s.cfg.train.mixed_precision == want and s.amp.mode == want
+    assert s.amp.dtype == (torch.bfloat16 if native == "1" else None)
+    assert any(line.startswith(f"precision: {want} ") for line in lines)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["mixed_precision"] == want

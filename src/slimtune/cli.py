@@ -352,15 +352,15 @@ def add_chat(sub):
 
 def cmd_chat(args):
     from .data.formats import with_system
-    from .generate import merged, settings_from
+    from .generate import merged, settings_for
     from .chat import Streamer, chat_loop
     from .generate import generate
     from .runfolder import load_run
 
     model, tok, cfg = load_run(args.target, args.dtype)
     system = args.system if args.system is not None else cfg.data.system_prompt
-    s = settings_from(cfg.eval, **knobs(args))
-    kw = {k: getattr(s, k) for k in KNOBS}
+    s = settings_for(cfg, str(next(model.parameters()).device), **knobs(args))
+    kw = {k: getattr(s, k) for k in KNOBS + ("autocast",)}
     if args.prompt is None:
         try:
             import readline  # noqa: F401  (line editing and history for input())

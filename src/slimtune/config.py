@@ -35,7 +35,7 @@ KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt", "prompt_completion", "text")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
@@ -275,9 +275,12 @@ class TrainCfg:
     """torch CPU threads. Empty: torch's default."""
     device: str = "auto"
     """auto (cuda, else mps, else cpu), cpu, cuda, mps."""
-    mixed_precision: str = "no"
-    """no, bf16 or fp16 autocast for forward and loss; trained weights and optimizer state stay
-    fp32 (needs model.dtype=float32); fp16 scales the loss and skips steps whose gradients overflow."""
+    mixed_precision: str = "auto"
+    """auto, no, bf16 or fp16 autocast for forward and loss; trained weights and optimizer state
+    stay fp32 (needs model.dtype=float32); fp16 scales the loss and skips steps whose gradients
+    overflow. auto: bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a
+    CUDA GPU with bf16) and the weights are float32 and not 4-bit; no elsewhere. Resolved at start,
+    printed and recorded in config.yaml; eval, compare and chat generate with the same choice."""
     fsdp: bool = False
     """Under a multi-process launch: shard weights, gradients and optimizer state over the
     processes (FSDP2, one unit per decoder layer) instead of replicating them (DDP)."""
@@ -353,11 +356,17 @@ class Config:
             raise ConfigError(f"data.packing does not work with loss.objective={self.loss.objective}; "
                               "set data.packing=false")
 
-    def resolved(self, device: str) -> Config:
-        """A copy with the defaults that depend on the device filled in (what config.yaml records)."""
+    def resolved(self, device: str, native_bf16: bool = False, four_bit: bool = False) -> Config:
+        """A copy with the defaults that depend on the device filled in (what config.yaml records).
+
+        native_bf16: the device computes bf16 natively (machine.bf16_supported); four_bit: the
+        method trains on a 4-bit base (bitsandbytes computes it in float32 on a CPU).
+        """
         import copy
 
         cfg = copy.deepcopy(self)
+        if cfg.train.mixed_precision == "auto":
+            cfg.train.mixed_precision = auto_precision(device, cfg.model.dtype, native_bf16, four_bit)
         if cfg.train.micro_batch_tokens is None:
             # CPU: pieces of 1024 tokens are as fast per token as whole batches and hold 2-3x less;
             # GPU: whole batches keep the device full.
@@ -370,6 +379,19 @@ class Config:
     def save(self, path: str | Path) -> None:
         from .utils import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def auto_precision(device: str, weights_dtype: str, native_bf16: bool, four_bit: bool = False) -> str:
+    """What train.mixed_precision=auto means here: bf16 autocast where it is native and applies.
+
+    A CPU with AVX512-BF16 / AMX runs bf16 matmuls at ~4x its float32 rate (measured on one: 783
+    against 184 GFLOP/s), and the quickstart's held-out loss stayed within 0.2%; without native
+    bf16 autocast is emulated and slower, so float32 stays. Autocast needs float32 weights; a 4-bit
+    base computes in float32 on a CPU (bitsandbytes) and MPS autocast is not worth it yet.
+    """
+    kind = str(device).split(":")[0]
+    ok = native_bf16 and weights_dtype == "float32" and kind in ("cpu", "cuda") and not (four_bit and kind == "cpu")
+    return "bf16" if ok else "no"
 
 
 def _choice(key: str, value, choices) -> None:

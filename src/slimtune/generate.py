@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import (DynamicCache, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from .config import EvalCfg
+from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
-from .methods import method_of_model
+from .machine import bf16_supported
+from .methods import method_of, method_of_model
 
 Messages = list[dict[str, str]]
 
@@ -58,6 +59,9 @@ class GenSettings:
     """n > 0 forbids any n-gram of tokens from appearing twice."""
     seed: int = 0
     """Prompt i of a call samples with seed + i."""
+    autocast: str = "no"
+    """bf16: decode under bf16 autocast (the run's train.mixed_precision where the device has native
+    bf16; `settings_for`); no: in the weights' dtype."""
 
     @property
     def sample(self) -> bool:
@@ -72,6 +76,18 @@ def settings_from(eval_cfg, **overrides) -> GenSettings:
     base = {f.name: getattr(eval_cfg, f.name) for f in dataclasses.fields(GenSettings) if hasattr(eval_cfg, f.name)}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return GenSettings(**base)
+
+
+def settings_for(cfg, device: str = "cpu", **overrides) -> GenSettings:
+    """GenSettings for a run's config: eval.* with `overrides`, and the precision training chose
+    (train.mixed_precision; auto resolved for this device), so eval, compare and chat generate as
+    the run trained. A run trained in bf16 elsewhere decodes in float32 on a device without native bf16.
+    """
+    mp = cfg.train.mixed_precision
+    native = bf16_supported(device)
+    if mp == "auto":
+        mp = auto_precision(device, cfg.model.dtype, native, method_of(cfg.method.name).four_bit)
+    return settings_from(cfg.eval, autocast="bf16" if mp == "bf16" and native else "no", **overrides)
 
 
 def can_merge(model) -> bool:
@@ -130,7 +146,7 @@ def stop_ids(tokenizer, model=None) -> list[int]:
 
 def generate(model, tokenizer, messages: Messages, max_new_tokens: int = _EVAL.max_new_tokens,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, streamer=None, top_k: int = 0,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> dict:
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, autocast: str = "no") -> dict:
     """Answer one chat (ending with a user turn), streamed if `streamer` (put(ids), end()).
 
     The same decoding as `generate_many` (a batch of one): temperature 0 is greedy, > 0 samples
@@ -139,7 +155,8 @@ def generate(model, tokenizer, messages: Messages, max_new_tokens: int = _EVAL.m
     n_tokens generated tokens, the end-of-turn token included; ended True when it stopped on an
     end-of-turn token rather than the token limit.
     """
-    s = GenSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, seed)
+    s = GenSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, seed,
+                    autocast)
     out = generate_many(model, tokenizer, [messages], s, batch_size=1, streamer=streamer)[0]
     return out
 
@@ -181,9 +198,12 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
             t0 = time.perf_counter()
             virtual = model if is_prompt_learning(model) else None
             net = model if names is not None else _net(model)
-            rows = _decode(net, [prompts[i] for i in idx], settings, [seeds[i] for i in idx], stops, pad,
-                           None if names is None else [names[i] for i in idx], virtual=virtual,
-                           on_token=streamer.put if streamer is not None else None)
+            amp = (torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+                   if settings.autocast == "bf16" else nullcontext())
+            with amp:
+                rows = _decode(net, [prompts[i] for i in idx], settings, [seeds[i] for i in idx], stops, pad,
+                               None if names is None else [names[i] for i in idx], virtual=virtual,
+                               on_token=streamer.put if streamer is not None else None)
             if streamer is not None:
                 streamer.end()
             seconds = time.perf_counter() - t0

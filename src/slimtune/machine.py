@@ -54,8 +54,15 @@ def prepare_mps() -> None:
 
 
 def bf16_supported(device: str) -> bool:
-    """Native bf16 on the device: CUDA (Ampere+), MPS (macOS 14+), CPU with AVX512-BF16 / AMX."""
+    """Native bf16 on the device: CUDA (Ampere+), MPS (macOS 14+), CPU with AVX512-BF16 / AMX.
+
+    SLIMTUNE_CPU_BF16=0 or 1 overrides the CPU's answer (tests pin it so that the suite computes
+    the same on every CPU, and check both answers; a user can see what another CPU would pick).
+    """
     device = str(device)
+    forced = os.environ.get("SLIMTUNE_CPU_BF16")
+    if forced in ("0", "1") and device.startswith("cpu"):
+        return forced == "1"
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.startswith("mps"):

@@ -32,7 +32,7 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
     (default RUN/compare.md of the first run) and the same stem with .json. knobs: top_p, top_k,
     repetition_penalty, no_repeat_ngram_size (None: the first run's eval settings).
     """
-    from ..generate import settings_from
+    from ..generate import settings_for, settings_from
     from ..data.prompts import last_user, load_prompts
     from .base_vs_tuned import BaseVsTuned
     from .suite import PROMPTS
@@ -45,7 +45,7 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
         cfg = pair.cfg
         if chats is None:
             chats = load_prompts(prompts, max_prompts, cfg.data.system_prompt)
-            greedy = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+            greedy = settings_for(cfg, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
                                    seed=seed, **knobs)
             modes = {"greedy": greedy, "sampled": settings_from(cfg.eval, **{**greedy.to_dict(),
                                                                               "temperature": temperature})}

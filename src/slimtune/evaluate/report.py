@@ -92,7 +92,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
         return json.loads(eval_json.read_text()).get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
-    from ..generate import settings_from
+    from ..generate import settings_for
     from ..data.prompts import last_user, load_prompts
     from .base_vs_tuned import BaseVsTuned
     from .suite import PROMPTS
@@ -101,7 +101,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
     pair = BaseVsTuned(str(run))
     cfg = pair.cfg
     chats = load_prompts(PROMPTS, n, cfg.data.system_prompt)
-    settings = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens)
+    settings = settings_for(cfg, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens)
     based, tuned = pair.answer_both(chats, settings, cfg.eval.gen_batch_size)
     return ([{"prompt": last_user(c), "base": b["text"], "tuned": t["text"]} for c, b, t in zip(chats, based, tuned)],
             "generated for this report (greedy)")

@@ -182,7 +182,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
     eval settings). Progress goes to `log` (default: stderr); `format_table(result)` is the table.
     """
-    from ..generate import settings_from
+    from ..generate import settings_for
     from ..data.prompts import last_user, load_prompts
     from ..runfolder import run_kind
     from ..methods import method_of
@@ -239,7 +239,7 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     ifeval = cfg.eval.ifeval if ifeval is None else ifeval
     if_rows = load_ifeval(ifeval) if ifeval else []
     if_chats = [with_system([{"role": "user", "content": r["prompt"]}], cfg.data.system_prompt) for r in if_rows]
-    settings = settings_from(cfg.eval, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, **knobs)
+    settings = settings_for(cfg, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, **knobs)
     everything = chats + if_chats  # one stream of batches: eval prompts and IFEval prompts together
     gb = cfg.eval.gen_batch_size
     t1 = time.perf_counter()

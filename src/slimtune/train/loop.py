@@ -30,6 +30,7 @@ from ..config import Config
 from ..data.batching import collate, length_grouped_batches, pack, row_length, split_by_tokens
 from ..data.prepare import Prepared
 from ..errors import ConfigError
+from ..machine import bf16_supported
 from ..evaluate.heldout import heldout_metrics
 from ..evaluate.states import base_states
 from ..methods import apply_method, method_of, trainable_report
@@ -138,9 +139,13 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     acc = distributed.make_accelerator(cfg)  # train.device; FSDP is train.fsdp (distributed.py)
+    asked = cfg.train.mixed_precision
+    cfg = cfg.resolved(str(acc.device), bf16_supported(acc.device.type), method_of(cfg.method.name).four_bit)
     check_machine(cfg, acc.device.type)
-    cfg = cfg.resolved(str(acc.device))
     tc = cfg.train
+    if asked == "auto":
+        log(f"precision: {tc.mixed_precision} (train.mixed_precision=auto on {acc.device.type}: native bf16 "
+            f"{'yes' if bf16_supported(acc.device.type) else 'no'}, weights {cfg.model.dtype})")
     run_dir = Path(tc.output_dir)
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
     if tc.resume and ckpt is None:
