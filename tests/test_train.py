@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny import make_model, make_tokenizer
 
-from slimtune.config import LossCfg, MethodCfg, build_config
+from slimtune.config import MethodCfg, build_config
 from slimtune.data.batching import collate, count_trained, pack, split_by_tokens
 from slimtune.data.render import IGNORE, render_chat
 from slimtune.train.forward import batch_loss, hidden_states

@@ -15,6 +15,7 @@ import torch
 
 from .config import Config, ModelCfg, load_config
 from .errors import SlimtuneError
+from .readback import check_safetensors
 
 
 def run_kind(path: str | Path) -> str | None:
@@ -110,6 +111,9 @@ def load_run(path: str | Path, dtype: str = "float32", device: str | None = None
             raise SlimtuneError(f"'{path}' is not a run folder, and loading it as a model failed: {e}") from None
         return model, load_tokenizer(path), cfg
     cfg = read_config(Path(path) / "config.yaml")
+    for weights in sorted(Path(path).glob("*.safetensors")):  # a damaged file: one line, not a traceback
+        check_safetensors(weights, "restore it, or train again (train.resume=true continues from "
+                                   "checkpoints/ if the run kept any)")
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     if kind == "full":
         model = load_model(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,

@@ -19,6 +19,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..readback import read_json
 from ..generate import GenSettings, can_mix, generate_many, merged
 
 CACHE_VERSION = 1  # bump when generation changes what an answer is
@@ -142,7 +143,7 @@ class AnswerCache:
 
     def _load(self) -> dict:
         try:
-            return json.loads(self.path.read_text())["answers"]
+            return read_json(self.path, "delete it: the base answers are generated again")["answers"]
         except (OSError, ValueError, KeyError):
             return {}  # no cache yet, or a broken one: generate again
 

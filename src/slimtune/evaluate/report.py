@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..readback import read_json
+
 PLOTS = {  # file stem: (title, y label, [(log field, legend, marker)])
     "loss": ("Loss", "cross-entropy per trained token",
              [("loss", "training loss", ""), ("ce", "training CE (without KL term)", ""),
@@ -81,7 +83,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
     """[{prompt, base, tuned}] and where they came from."""
     cmp_json, eval_json = run / "compare.json", run / "eval.json"
     if cmp_json.is_file():
-        res = json.loads(cmp_json.read_text())
+        res = read_json(cmp_json, "run `slimtune compare` again to rewrite it")
         base = next((c for c in res["columns"] if c.startswith("base")), None)
         tuned = next((c for c in res["columns"] if not c.startswith("base")), None)
         rows = [{"prompt": r["prompt"], "base": r["greedy"].get(base, ""), "tuned": r["greedy"].get(tuned, ""),
@@ -89,7 +91,7 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
                 for r in res["rows"]]
         return rows, f"compare.json (greedy, and sampled at temperature {res['temperature']})"
     if eval_json.is_file():
-        return json.loads(eval_json.read_text()).get("samples", []), "eval.json (greedy)"
+        return read_json(eval_json, "run `slimtune eval` again to rewrite it").get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
     from ..generate import settings_for
@@ -116,7 +118,8 @@ def make_report(run: str, out: str | None = None, samples: int = 3, max_new_toke
     run_p = Path(run)
     if not (run_p / "config.yaml").is_file():
         raise SlimtuneError(f"{run} is not a run folder (no config.yaml)")
-    load = (lambda name: json.loads((run_p / name).read_text()) if (run_p / name).is_file() else None)
+    load = (lambda name: read_json(run_p / name, "run the command that wrote it again (train, eval)")
+            if (run_p / name).is_file() else None)
     summary, ev, times, data_stats = load("summary.json"), load("eval.json"), load("time_metrics.json"), \
         load("data_stats.json")
     plots = make_plots(read_log(run_p), run_p / "plots")

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..readback import read_json
 from ..data.formats import with_system
 from ..errors import SlimtuneError
 from ..utils import atomic_write_json, atomic_write_text
@@ -57,7 +58,7 @@ def _measured_these_weights(pair, n_max: int | None, dtype: str) -> dict | None:
 
     cfg, run = pair.cfg, Path(pair.run)
     try:
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_json(run / "summary.json", "eval recomputes without it: pass --recompute")
     except (OSError, ValueError):
         return None
     ctx = summary.get("final_eval") or {}

@@ -21,8 +21,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..errors import SlimtuneError
+from ..readback import check_safetensors, read_json, read_safetensors
 from ..utils import atomic_dir, atomic_write_text
 
 
@@ -98,22 +100,45 @@ def _jsonable(o):
     raise TypeError(f"cannot save {type(o).__name__} in a checkpoint")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def latest_checkpoint(run_dir: str | Path, log=None) -> Path | None:
+    """The newest checkpoint whose files read back whole; a damaged newer one is skipped, and
+    `log` says which and why (resume then repeats the steps since the one it falls back to)."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").exists():
-            return path
     done = [p for p in sorted(root.glob("step-*")) if (p / "state.json").exists()]
-    return done[-1] if done else None
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in done:  # the pointer's checkpoint first, then the others newest first
+            done.remove(named)
+            done.append(named)
+    for path in reversed(done):
+        try:
+            verify_checkpoint(path)
+            return path
+        except SlimtuneError as e:
+            if log:
+                log(f"resume: skipping {path.name}: {e}")
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise a SlimtuneError if any file of the checkpoint is truncated or corrupt."""
+    fix = "an older checkpoint is used if there is one; delete this folder to silence this"
+    for name in FILES:
+        if (path / name).exists() or name != "rng.safetensors":
+            check_safetensors(path / name, fix)
+    read_json(path / "state.json", fix)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore trained parameters, optimizer, scheduler and this process's (`rank`) RNG states;
     returns the loop state."""
     path = Path(path)
-    trained = load_file(str(path / "trainable.safetensors"))
+    fix = "delete this checkpoint folder to resume from the one before it"
+    trained = read_safetensors(path / "trainable.safetensors", fix)
     params = dict(model.named_parameters())
     missing = [n for n in trained if n not in params]
     if missing:
@@ -122,8 +147,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int = 0
     with torch.no_grad():
         for n, t in trained.items():
             params[n].copy_(t)
-    meta = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
+    meta = read_json(path / "state.json", fix)
+    optimizer.load_state_dict(_join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    _set_rng(load_file(str(path / "rng.safetensors")), meta["python_rng"], rank)
+    _set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
     return meta["loop"]

@@ -179,12 +179,11 @@ def full_state_dict(s) -> dict | None:
 
 def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """`checkpoint.load_checkpoint` under FSDP: from full tensors, each process keeps its shard."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from ..readback import read_json, read_safetensors
     from .checkpoint import _join_optimizer, _set_rng
 
     def place(t, like):
@@ -193,7 +192,8 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
         return t.to(like.device, like.dtype)
 
     path = Path(path)
-    trained = load_file(str(path / "trainable.safetensors"))
+    fix = "delete this checkpoint folder to resume from the one before it"
+    trained = read_safetensors(path / "trainable.safetensors", fix)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in trained.items():
@@ -203,8 +203,8 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
             placed = place(t, p)
             (p.to_local() if isinstance(p, DTensor) else p).copy_(
                 placed.to_local() if isinstance(placed, DTensor) else placed)
-    meta = json.loads((path / "state.json").read_text())
-    sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    meta = read_json(path / "state.json", fix)
+    sd = _join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"])
     order = [p for g in optimizer.param_groups for p in g["params"]]
     for i, st in sd["state"].items():
         for k, v in st.items():
@@ -212,5 +212,5 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
                 st[k] = place(v, order[i])
     optimizer.load_state_dict(sd)
     scheduler.load_state_dict(meta["scheduler"])
-    _set_rng(load_file(str(path / "rng.safetensors")), meta["python_rng"], rank)
+    _set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
     return meta["loop"]

@@ -147,7 +147,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
         log(f"precision: {tc.mixed_precision} (train.mixed_precision=auto on {acc.device.type}: native bf16 "
             f"{'yes' if bf16_supported(acc.device.type) else 'no'}, weights {cfg.model.dtype})")
     run_dir = Path(tc.output_dir)
-    ckpt = latest_checkpoint(run_dir) if tc.resume else None
+    ckpt = latest_checkpoint(run_dir, log) if tc.resume else None
     if tc.resume and ckpt is None:
         log(f"resume: no checkpoint in {run_dir}/checkpoints, starting fresh")
     if not tc.resume and (run_dir / "checkpoints").exists() and acc.is_main_process:
