@@ -16,8 +16,14 @@ from slimtune.data.batching import collate
 from slimtune.data.render import render_chat
 from slimtune.errors import ConfigError, DataError
 from slimtune.losses.distill import topk_distill_loss
-from slimtune.teacher import (MANIFEST, check_vocab, hash_rows, hash_teacher, read_teacher_logprobs,
-                              write_teacher_logprobs)
+from slimtune.teacher import (
+    MANIFEST,
+    check_vocab,
+    hash_rows,
+    hash_teacher,
+    read_teacher_logprobs,
+    write_teacher_logprobs,
+)
 from slimtune.train.forward import hidden_states, output_layer
 
 CHATS = [

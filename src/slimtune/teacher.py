@@ -49,12 +49,15 @@ def check_vocab(student_tokenizer, teacher_tokenizer) -> None:
     for i in sorted(student.keys() | teacher.keys()):
         s, t = student.get(i), teacher.get(i)
         if s != t:
-            show = lambda tok: "no token" if tok is None else repr(tok)  # noqa: E731
             raise ConfigError(
-                f"the teacher's vocabulary differs from the student's at token id {i}: student {show(s)}, "
-                f"teacher {show(t)} (student {len(student)} tokens, teacher {len(teacher)}). Distillation "
+                f"the teacher's vocabulary differs from the student's at token id {i}: student {_show(s)}, "
+                f"teacher {_show(t)} (student {len(student)} tokens, teacher {len(teacher)}). Distillation "
                 "compares the two models' next-token distributions id by id, so they must share one "
                 "tokenizer: choose a teacher of the student's model family.")
+
+
+def _show(token: str | None) -> str:
+    return "no token" if token is None else repr(token)
 
 
 def _id_to_token(tokenizer) -> dict[int, str]:
@@ -139,7 +142,9 @@ def write_teacher_logprobs(rows: list[dict], teacher_model, out_dir: str | Path,
     top_k: K ids per position (1 <= K <= its output rows). data_hash / teacher_hash: the store's key
     (`hash_rows(rows)`, `hash_teacher(source, dtype=...)`). temperature: the log-probs are of
     softmax(logits / temperature), the distillation loss's tau. Resumable: shards the manifest
-    lists are kept; a store with another key raises ConfigError. Returns the manifest (a dict).
+    lists are kept; a store with another key raises ConfigError. batch_size and chunk_size are not
+    part of the key: a store finished with other values matches to fp32 rounding, not bit for bit.
+    Returns the manifest (a dict).
     """
     if top_k < 1 or shard_rows < 1 or batch_size < 1 or temperature <= 0:
         raise ConfigError("top_k, shard_rows and batch_size must be >= 1 and temperature > 0")
