@@ -9,8 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def cache_dir() -> Path:
     """$SLIMTUNE_CACHE, else ~/.cache/slimtune. Converted models live in <cache>/models/<name>,
@@ -20,11 +18,20 @@ def cache_dir() -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (an Arrow file written to memory first)."""
+    _atomic_write(path, data, "wb")
+
+
+def _atomic_write(path: str | Path, text: str | bytes, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, mode) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -72,6 +79,8 @@ def atomic_dir(final: str | Path):
 
 
 def seed_everything(seed: int) -> None:
+    import torch  # here, so the file helpers import without torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:

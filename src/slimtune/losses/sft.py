@@ -9,6 +9,8 @@ full (N, V) logits never exist and backward only rescales the stored gradients.
     loss = (sum_i CE_i + kl_lambda * sum_j KL_j) / normaliser
 
 KL rows j come from the base model (adapters off, no_grad): `ref_hidden @ ref_weight.T`.
+With a teacher's hidden states and output matrix as the reference this is online distillation
+(losses/distill.py says how); the helpers below the autograd function are shared with it.
 """
 
 from __future__ import annotations
@@ -50,10 +52,18 @@ def token_kl(p_logits: Tensor, q_logits: Tensor, direction: str = "forward",
       jsd:     beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta * p + (1 - beta) * q
                (TRL GKD's generalised JSD with p the teacher; beta = jsd_beta in (0, 1)).
     Returns (N,) fp32 (fp64 for fp64 input). Differentiable through both arguments (plain autograd).
+
+    Against TRL (tests/losses/test_distill.py pins it to 1e-5): with p = teacher, q = student,
+    `GKDTrainer.generalized_jsd_loss(q_logits, p_logits, labels, beta, temperature, "batchmean")`
+    is the mean over rows with labels != -100 of token_kl(...) / tau^2 for
+      beta = 0 -> forward, beta = 1 -> reverse, 0 < beta < 1 -> jsd with jsd_beta = beta.
+    TRL divides logits by tau but does not multiply by tau^2; its beta = 0 and 1 are special
+    cases (its JSD tends to 0, not to a KL, at either end). Its "batchmean" without labels divides
+    by the first dimension only; its "mean" also divides by V.
     """
-    logp = _log_softmax(p_logits, temperature)
-    logq = _log_softmax(q_logits, temperature)
-    kl, _ = _kl_terms(logp, logq, direction, jsd_beta, want_grad=False)
+    logp = tempered_log_softmax(p_logits, temperature)
+    logq = tempered_log_softmax(q_logits, temperature)
+    kl, _ = kl_terms(logp, logq, direction, jsd_beta, want_grad=False)
     return kl * temperature**2
 
 
@@ -112,7 +122,7 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
     targets = targets.to(hidden.device)
     n_ce = int((targets != IGNORE).sum())
     norm = float(normaliser) if normaliser is not None else float(max(n_ce, 1))
-    logits = _project(hidden, weight, bias, (logit_scale, logit_softcap))  # (N, V) fp32
+    logits = project(hidden, weight, bias, (logit_scale, logit_softcap))  # (N, V) fp32
     ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     kl_sum, n_kl = logits.new_zeros(()), 0
     if ref_hidden is not None:
@@ -121,7 +131,7 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
         if kl_mask is None:
             kl_mask = targets != IGNORE
         with torch.no_grad():
-            ref_logits = _project(ref_hidden, ref_weight, ref_bias, (logit_scale, logit_softcap))
+            ref_logits = project(ref_hidden, ref_weight, ref_bias, (logit_scale, logit_softcap))
         kl_sum = token_kl(ref_logits[kl_mask], logits[kl_mask], direction, temperature, jsd_beta).sum()
         n_kl = int(kl_mask.sum())
     elif kl_lambda:
@@ -189,16 +199,16 @@ def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm
     A function of its own so its (c, V) buffers are freed before the next chunk allocates.
     """
     valid = t != IGNORE                                               # (c,)
-    z, tanh_z = _project(h, w, b, transform, keep_tanh=True)                # (c, V) fp32
+    z, tanh_z = project(h, w, b, transform, keep_tanh=True)          # (c, V) fp32
     logq1 = z.log_softmax(-1)                                         # CE uses tau = 1
     tgt = t.clamp_min(0)[:, None]                                     # (c, 1)
     ce = -(logq1.gather(1, tgt).squeeze(1) * valid).sum()
     kl, g_kl = torch.zeros((), device=h.device), None
     if rh is not None:
-        logp = _log_softmax(_project(rh, rw, rb, transform), tau)            # base, (c, V)
-        logq = logq1 if tau == 1.0 else _log_softmax(z, tau)
+        logp = tempered_log_softmax(project(rh, rw, rb, transform), tau)  # base, (c, V)
+        logq = logq1 if tau == 1.0 else tempered_log_softmax(z, tau)
         del z
-        kl_rows, g_kl = _kl_terms(logp, logq, direction, beta, want_grad=kl_grad)
+        kl_rows, g_kl = kl_terms(logp, logq, direction, beta, want_grad=kl_grad)
         del logp, logq
         kl = (kl_rows * m).sum() * tau**2
     else:
@@ -213,15 +223,22 @@ def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm
         g.add_(g_kl.mul_((m * (lam * tau))[:, None]))
         del g_kl
     g.div_(norm)
+    return ce, kl, head_backward(g, tanh_z, transform)
+
+
+def head_backward(g: Tensor, tanh_z: Tensor | None, transform: tuple) -> Tensor:
+    """d loss / d (hidden @ weight.T + bias), in place, from g = d loss / d logits (c, V) fp32:
+    back through the soft-cap (`tanh_z` as `project(..., keep_tanh=True)` returned it; overwritten)
+    and the scale of `transform` = (scale or None, cap or None)."""
     scale, softcap = transform
     if softcap is not None:  # z = cap * tanh(s / cap): d z / d s = 1 - tanh^2
         g.mul_(1.0 - tanh_z.square_())
     if scale is not None:  # s = scale * raw
         g.mul_(scale)
-    return ce, kl, g
+    return g
 
 
-def _project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):
+def project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):
     """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), times `scale`, soft-capped by `cap`
     (transform = (scale or None, cap or None))."""
     scale, cap = transform
@@ -238,16 +255,18 @@ def _project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh
     return (z, tanh_z) if keep_tanh else z
 
 
-def _log_softmax(logits: Tensor, tau: float) -> Tensor:
+def tempered_log_softmax(logits: Tensor, tau: float) -> Tensor:
     """log softmax(logits / tau) over the last dim, in fp32 at least (fp64 stays fp64)."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     return (x / tau).log_softmax(-1) if tau != 1.0 else x.log_softmax(-1)
 
 
-def _kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad: bool):
-    """Per-row divergence of base log-probs `logp` and tuned `logq`, both (c, V).
+def kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad: bool):
+    """Per-row divergence of base log-probs `logp` and tuned `logq`, both (c, C) over any C
+    categories (the vocabulary here; a teacher's top k + a tail bucket in losses/distill.py).
 
-    Returns (kl (c,), grad (c, V) of kl w.r.t. the tuned logits fed to the softmax, or None).
+    Returns (kl (c,), grad (c, C) of kl w.r.t. the tuned logits y with logq = log_softmax(y), or
+    None). Entries need logp > -inf (0 * -inf is NaN): callers floor zero probabilities.
     """
     grad = None
     if direction == "forward":       # KL(p||q); d/dz = q - p
