@@ -2,4 +2,5 @@
 
     sft.py         chunked CE and KL / JSD to a reference (KL-anchored SFT, distillation)
     preference.py  chunked per-token log-probs; DPO, IPO, ORPO, SimPO, KTO on sequence log-probs
+    grpo.py        group advantages, the completion mask, the clipped GRPO / Dr. GRPO / DAPO / BNPO loss
 """
