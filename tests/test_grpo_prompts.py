@@ -5,8 +5,6 @@ import inspect
 import json
 import re
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +113,10 @@ def test_the_script_writes_exactly_the_shipped_file(tmp_path):
     ns = runpy.run_path(str(ROOT / "scripts/make_grpo_prompts.py"))
     written = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ns["rows"]())
     assert written == (ASSETS / "grpo_prompts.jsonl").read_text()
+
+
+def test_the_data_layer_reads_it_as_builtin_grpo_prompts(rows):
+    from slimtune.data.formats import read_rows
+
+    read = read_rows("builtin:grpo_prompts")
+    assert [r for _, r in read] == rows and read[0][0] == 1  # (line, row): errors can name file:line
