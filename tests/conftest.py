@@ -45,3 +45,13 @@ def gen_cache(monkeypatch, tmp_path):
     """A fresh, empty slimtune cache (base answers of evaluate/base_vs_tuned.py land here)."""
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """TRL's trainers set up accelerate's process-wide state; slimtune's loop sets its own: reset it
+    after each test that builds a TRL trainer (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -23,13 +23,7 @@ def text(g, k):
     return " ".join(WORDS[j] for j in torch.randint(len(WORDS), (k,), generator=g))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """TRL's trainers set up accelerate's process-wide state; slimtune's loop sets its own."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -146,13 +146,7 @@ def test_clip_shares_count_only_the_active_side_of_the_clip():
 trl = pytest.importorskip("trl")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """TRL's trainers set up accelerate's process-wide state; slimtune's loop sets its own."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..data.render import IGNORE
-from .sft import DIRECTIONS, LossOut, head_backward, kl_terms, project, tempered_log_softmax
+from .sft import (DIRECTIONS, LossOut, add_head_grads, head_backward, head_grad_buffers, kl_terms, project,
+                  tempered_log_softmax)
 
 TAILS = ("bucket", "renorm")
 # Teacher log-probs are floored here: a zero-probability category (a tail the stored top k covers
@@ -93,9 +94,7 @@ class _TopKLoss(torch.autograd.Function):
         w = weight.detach().to(hidden.dtype)
         b = None if bias is None else bias.detach().to(hidden.dtype)
         v, n = weight.shape[0], hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(v, hidden.shape[1], device=hidden.device) if need_w else None  # fp32
-        grad_b = torch.zeros(v, device=hidden.device) if need_b else None
+        grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
         ce_sum = torch.zeros((), device=hidden.device)
         kl_sum = torch.zeros((), device=hidden.device)
         for s in range(0, n, chunk):
@@ -104,14 +103,9 @@ class _TopKLoss(torch.autograd.Function):
                                o, any(needs))
             ce_sum += ce
             kl_sum += kl
-            if need_h:
-                grad_h[s:s + chunk] = g.to(w.dtype) @ w                   # (c, H)
-            if need_w:
-                grad_w.addmm_(g.t(), h.float())                           # (V, H) += (V, c) @ (c, H)
-            if need_b:
-                grad_b += g.sum(0)
+            add_head_grads(g, h, w, s, grads)
             del g
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         return (o["alpha"] * ce_sum + (1 - o["alpha"]) * kl_sum) / o["norm"], ce_sum, kl_sum

@@ -154,9 +154,7 @@ class _ChunkedLoss(torch.autograd.Function):
             ref_hidden = ref_hidden.detach()
             rw = ref_weight.detach().to(ref_hidden.dtype)
             rb = None if ref_bias is None else ref_bias.detach().to(ref_hidden.dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(v, hidden.shape[1], device=hidden.device) if need_w else None  # fp32
-        grad_b = torch.zeros(v, device=hidden.device) if need_b else None
+        grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
         any_grad = need_h or need_w or need_b
         kl_grad = any_grad and ref_hidden is not None and lam != 0.0
         ce_sum = torch.zeros((), device=hidden.device)
@@ -169,14 +167,9 @@ class _ChunkedLoss(torch.autograd.Function):
                                beta, transform, norm, any_grad, kl_grad)
             ce_sum += ce
             kl_sum += kl
-            if need_h:
-                grad_h[s:s + chunk] = g.to(w.dtype) @ w                   # (c, H)
-            if need_w:
-                grad_w.addmm_(g.t(), h.float())                           # (V, H) += (V, c) @ (c, H)
-            if need_b:
-                grad_b += g.sum(0)
+            add_head_grads(g, h, w, s, grads)
             del g
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         loss = (ce_sum + lam * kl_sum) / norm if lam else ce_sum / norm
@@ -191,6 +184,24 @@ class _ChunkedLoss(torch.autograd.Function):
                 g = g.to(dt)
             grads.append(g)
         return (*grads, None, None, None, None, None, None)
+
+
+def head_grad_buffers(hidden: Tensor, v: int, need_h: bool, need_w: bool, need_b: bool):
+    """(grad_h (N, H) in hidden's dtype, grad_w (V, H) fp32, grad_b (V,) fp32), None where not needed."""
+    return (torch.empty_like(hidden) if need_h else None,
+            torch.zeros(v, hidden.shape[1], device=hidden.device) if need_w else None,
+            torch.zeros(v, device=hidden.device) if need_b else None)
+
+
+def add_head_grads(g: Tensor, h: Tensor, w: Tensor, s: int, grads: tuple) -> None:
+    """Add rows s..s+c's share of d loss / d (hidden, weight, bias), from g = d loss / d logits (c, V)."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h[s:s + len(h)] = g.to(w.dtype) @ w                        # (c, H)
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h.float())                                 # (V, H) += (V, c) @ (c, H)
+    if grad_b is not None:
+        grad_b += g.sum(0)
 
 
 def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm, want_grad, kl_grad):
