@@ -10,7 +10,7 @@ from tiny import make_model
 
 from slimtune.config import MethodCfg
 from slimtune.data.render import render_chat
-from slimtune.evaluate.heldout import heldout_metrics
+from slimtune.train.heldout import heldout_metrics
 from slimtune.methods import apply_method
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from slimtune.config import LossCfg, MethodCfg
+from slimtune.config import MethodCfg
 from slimtune.data.batching import collate
 from slimtune.data.render import render_chat
 from slimtune.errors import ConfigError

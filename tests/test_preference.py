@@ -14,7 +14,9 @@ from slimtune.config import MethodCfg, build_config
 from slimtune.data.preference import render_pair
 from slimtune.losses.preference import token_logps
 from slimtune.methods import apply_method
-from slimtune.train.preference import KTO, PREFERENCE_OBJECTIVES, collate_sequences
+from slimtune.train.objectives import OBJECTIVES
+from slimtune.train.objectives.kto import KTO
+from slimtune.train.objectives.paired import collate_sequences
 
 WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank joke".split()
 
@@ -118,7 +120,7 @@ def lora_grads(model):
                                          ("kto", {"kto_undesirable_weight": 1.7, "beta": 0.4})])
 def test_objective_matches_float64_full_logit_reference(tok, pairs, unpaired, name, knobs):
     cfg = cfg_for(name, chunk_size=7, **knobs)  # odd chunks: rows of one sequence span chunks
-    obj = PREFERENCE_OBJECTIVES[name](cfg)
+    obj = OBJECTIVES[name](cfg)
     rows = unpaired if name == "kto" else pairs
     model = lora_model(tok, torch.float64)
     batch = obj.collate(rows, tok.pad_token_id)
@@ -167,7 +169,7 @@ def test_token_logps_values_kl_and_grads_match_float64(tok):
 
 
 def test_pieces_of_a_batch_sum_to_the_whole_batch(tok, pairs):
-    obj = PREFERENCE_OBJECTIVES["dpo"](cfg_for("dpo"))
+    obj = OBJECTIVES["dpo"](cfg_for("dpo"))
     model = lora_model(tok)
     obj(model, obj.collate(pairs, tok.pad_token_id), len(pairs), 0).loss.backward()
     whole = lora_grads(model)
@@ -181,7 +183,7 @@ def test_pieces_of_a_batch_sum_to_the_whole_batch(tok, pairs):
 
 @pytest.mark.parametrize("name", ["dpo", "kto"])
 def test_precomputed_reference_equals_the_live_one(tok, pairs, unpaired, name):
-    obj = PREFERENCE_OBJECTIVES[name](cfg_for(name, precompute_reference=True))
+    obj = OBJECTIVES[name](cfg_for(name, precompute_reference=True))
     rows = copy.deepcopy(unpaired if name == "kto" else pairs)
     model = lora_model(tok)
     live = obj(model, obj.collate(rows, tok.pad_token_id), len(rows), 0)
@@ -197,7 +199,7 @@ def test_precomputed_reference_equals_the_live_one(tok, pairs, unpaired, name):
 def test_evaluation_with_the_base_cached_equals_a_fresh_one_after_training_moves(tok, pairs, unpaired, name):
     """Evaluation keeps the base's hidden states per batch (KTO: its rows and its mismatched rows);
     after the adapter moves, the cached evaluation must equal one that runs the base again."""
-    obj = PREFERENCE_OBJECTIVES[name](cfg_for(name))
+    obj = OBJECTIVES[name](cfg_for(name))
     rows = unpaired if name == "kto" else pairs
     model = lora_model(tok)
     cache = {}
@@ -220,7 +222,7 @@ def test_full_fine_tuning_uses_the_frozen_copy_and_trains_the_head(tok, pairs):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    obj = PREFERENCE_OBJECTIVES["dpo"](cfg_for("dpo", chunk_size=5))
+    obj = OBJECTIVES["dpo"](cfg_for("dpo", chunk_size=5))
     batch = obj.collate(pairs, tok.pad_token_id)
     out = obj(model, batch, len(pairs), 0, ref_model=ref)
     out.loss.backward()
@@ -238,7 +240,7 @@ def test_full_fine_tuning_uses_the_frozen_copy_and_trains_the_head(tok, pairs):
 
 
 def test_evaluate_and_summarize_report_the_preference_metrics(tok, pairs):
-    obj = PREFERENCE_OBJECTIVES["dpo"](cfg_for("dpo"))
+    obj = OBJECTIVES["dpo"](cfg_for("dpo"))
     model = lora_model(tok)
     cache = {}
     ev = obj.evaluate(model, pairs, tok.pad_token_id, batch_size=4, ref_cache=cache)
@@ -284,7 +286,7 @@ def test_dpo_and_ipo_equal_trl_dpotrainer(tok, pairs, loss_type, name):
     tr = trl_trainer(trl.DPOTrainer, trl.DPOConfig, tok, PAIR_ROWS, beta=0.2, max_length=None, loss_type=loss_type)
     batch = tr.data_collator([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs])
     want = float(tr.compute_loss(tr.model, batch))
-    obj = PREFERENCE_OBJECTIVES[name](cfg_for(name, beta=0.2))
+    obj = OBJECTIVES[name](cfg_for(name, beta=0.2))
     out = obj(tr.model, obj.collate(pairs, tok.pad_token_id), len(pairs), 0)
     assert abs(want - math.log(2)) > 1e-2  # the adapter moved the model: not the trivial log 2
     assert float(out.loss) == pytest.approx(want, abs=1e-4)
@@ -340,7 +342,7 @@ def test_simpo_equals_trl_cpo_simpo(tok, pairs):
     tr = trl_trainer(CPOTrainer, CPOConfig, tok, PAIR_ROWS, max_length=64, loss_type="simpo", cpo_alpha=0.0,
                      beta=2.5, simpo_gamma=0.7)
     want, _ = tr.get_batch_loss_metrics(tr.model, cpo_batch(pairs, tok.pad_token_id))
-    obj = PREFERENCE_OBJECTIVES["simpo"](cfg_for("simpo", simpo_beta=2.5, simpo_gamma=0.7))
+    obj = OBJECTIVES["simpo"](cfg_for("simpo", simpo_beta=2.5, simpo_gamma=0.7))
     out = obj(tr.model, obj.collate(pairs, tok.pad_token_id), len(pairs), 0)
     assert float(out.loss) == pytest.approx(float(want), abs=1e-4)
 
@@ -352,7 +354,7 @@ def test_orpo_equals_trl_orpo(tok, pairs):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     tr = trl_trainer(ORPOTrainer, ORPOConfig, tok, PAIR_ROWS, max_length=64, beta=0.3)
-    obj = PREFERENCE_OBJECTIVES["orpo"](cfg_for("orpo", orpo_lambda=0.3))
+    obj = OBJECTIVES["orpo"](cfg_for("orpo", orpo_lambda=0.3))
     want, metrics = tr.get_batch_loss_metrics(tr.model, cpo_batch(pairs, tok.pad_token_id))
     out = obj(tr.model, obj.collate(pairs, tok.pad_token_id), len(pairs), 0)
     lens = torch.tensor([len(p["chosen_ids"]) for p in pairs], dtype=torch.float64)

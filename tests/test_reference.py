@@ -19,7 +19,7 @@ from tiny import make_model, make_tokenizer
 from slimtune.config import build_config
 from slimtune.data.batching import collate, pack
 from slimtune.data.render import render_chat
-from slimtune.evaluate.heldout import heldout_metrics
+from slimtune.train.heldout import heldout_metrics
 from slimtune.train.callbacks import Callback
 from slimtune.train.forward import KLTerm, batch_loss
 from slimtune.train.loop import setup, step, train

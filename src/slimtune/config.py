@@ -14,7 +14,9 @@ Unknown keys and bad values fail here, before any model loads, listing the valid
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,9 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS, method_of
+from .specs import CONFIG_NAMES, spec_for
+from .utils import atomic_write_text
 
 TARGETS = ("attn", "attn_mlp", "all_linear")
 TRAIN_ON = ("assistant", "last", "all")
@@ -110,7 +115,6 @@ class DataCfg:
             raise ConfigError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
-        from .data.reader import parse_columns
         self.columns = parse_columns(self.columns)
 
 
@@ -137,7 +141,6 @@ class MethodCfg:
     """prompt_tuning: initialise the soft prompt from this text (else random)."""
 
     def __post_init__(self):
-        from .methods import METHODS
         _choice("method.name", self.name, tuple(METHODS))
         if isinstance(self.targets, str):
             if self.targets not in TARGETS:
@@ -172,7 +175,7 @@ class LossCfg:
     """kl_positions=last_n: how many positions at the end of each example."""
     chunk_size: int = 1024
     """Tokens per chunk of the output projection: peak logits memory = chunk x vocab."""
-    # --- preference objectives (train/preference.py, losses/preference.py)
+    # --- preference objectives (train/objectives/paired.py, kto.py; losses/preference.py)
     beta: float = 0.1
     """dpo / ipo / kto: how far from the base the tuned model may move (higher: stay closer;
     ipo: its tau, the target log-ratio margin is 1 / (2 beta) per token)."""
@@ -193,8 +196,7 @@ class LossCfg:
     instead of a base forward per step (saves ~1/4 of a step's compute from the second epoch on)."""
 
     def __post_init__(self):
-        from .train.objectives import OBJECTIVES
-        _choice("loss.objective", self.objective, tuple(OBJECTIVES))
+        _choice("loss.objective", self.objective, CONFIG_NAMES)
         if self.beta <= 0 or self.simpo_beta <= 0:
             raise ConfigError("loss.beta and loss.simpo_beta must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
@@ -345,14 +347,11 @@ class Config:
 
     def __post_init__(self):
         """Checks across sections (each section checks itself)."""
-        from .methods import method_of
-        from .train.objectives import OBJECTIVES
-
         method = method_of(self.method.name)
         if self.data.packing and method.adds_positions:
             raise ConfigError(f"data.packing does not work with {self.method.name} (it adds positions); "
                               "set data.packing=false")
-        if self.data.packing and not OBJECTIVES[self.loss.objective].packable:
+        if self.data.packing and not spec_for(self.loss.objective, self.loss.kl_lambda).packable:
             raise ConfigError(f"data.packing does not work with loss.objective={self.loss.objective}; "
                               "set data.packing=false")
 
@@ -362,8 +361,6 @@ class Config:
         native_bf16: the device computes bf16 natively (machine.bf16_supported); four_bit: the
         method trains on a 4-bit base (bitsandbytes computes it in float32 on a CPU).
         """
-        import copy
-
         cfg = copy.deepcopy(self)
         if cfg.train.mixed_precision == "auto":
             cfg.train.mixed_precision = auto_precision(device, cfg.model.dtype, native_bf16, four_bit)
@@ -377,8 +374,30 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from .utils import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+COLUMN_FIELDS = ("completion", "context", "conversations", "input", "instruction", "messages", "output",
+                 "prompt", "response", "text")
+"""The fields data.columns may map: every format's keys (data/formats.py SIGNATURES, a test checks)."""
+
+
+def parse_columns(text: str | dict | None) -> dict[str, str]:
+    """'instruction=question,output=answer' (or a dict) -> {ours: theirs}, checked."""
+    if not text:
+        return {}
+    if isinstance(text, str):
+        pairs = [p.strip() for p in text.split(",") if p.strip()]
+        bad = [p for p in pairs if "=" not in p]
+        if bad:
+            raise ConfigError(f"columns '{bad[0]}' must look like ours=theirs, e.g. instruction=question,output=answer")
+        text = dict(p.split("=", 1) for p in pairs)
+    mapping = {str(k).strip(): str(v).strip() for k, v in text.items()}
+    unknown = sorted(set(mapping) - set(COLUMN_FIELDS))
+    if unknown:
+        raise ConfigError(f"data.columns: unknown field '{unknown[0]}'; map any of {', '.join(COLUMN_FIELDS)} "
+                          "to a column of your file (e.g. {instruction: question, output: answer})")
+    return mapping
 
 
 def auto_precision(device: str, weights_dtype: str, native_bf16: bool, four_bit: bool = False) -> str:
@@ -404,7 +423,6 @@ _SECTIONS = typing.get_type_hints(Config)  # section name -> dataclass (annotati
 
 def _coerce(key: str, raw, typ):
     """Turn a YAML value or a `key=value` string into the field's type, or raise ConfigError."""
-    import types
     is_union = typing.get_origin(typ) in (typing.Union, types.UnionType)
     args = typing.get_args(typ) if is_union else ()
     if raw is None:

@@ -157,6 +157,19 @@ def keep_4bit_differentiable(model) -> int:
     return n
 
 
+def model_files(model_name: str) -> list:
+    """[name, size, mtime_ns] of the model folder's files; [] for a hub id (the name is the key).
+    Keys caches of what a model computed (base states, base answers) to the files it came from."""
+    try:
+        folder = Path(resolve_model(model_name))
+    except SlimtuneError:
+        return []
+    if not folder.is_dir():
+        return []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+            if f.is_file() and not f.name.startswith(".")]
+
+
 def model_info(model) -> dict:
     """{"params": total, "trainable": n, "dtype": "bfloat16" (most params), "layers": n or None}.
 

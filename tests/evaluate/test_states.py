@@ -7,8 +7,8 @@ from tiny import make_model
 
 from slimtune.config import MethodCfg
 from slimtune.data.render import render_chat
-from slimtune.evaluate.heldout import heldout_metrics
-from slimtune.evaluate.states import BaseStates
+from slimtune.train.base_states import BaseStates
+from slimtune.train.heldout import heldout_metrics
 from slimtune.methods import apply_method
 
 

@@ -160,7 +160,8 @@ def render_unpaired(row: dict, tokenizer, max_length: int | None = None, path: s
         len(fit) != len(c_ids)
 
 
-def row_kind(row: dict, path: str, line: int) -> str:
+def detect_kind(row: dict, path: str, line: int) -> str:
+    """What a file's row is: paired or unpaired (the objective's spec says which it reads)."""
     if all(k in row for k in PAIRED_KEYS):
         return "paired"
     if all(k in row for k in UNPAIRED_KEYS):
@@ -177,7 +178,7 @@ def load_preferences(spec: str, tokenizer, kind: str = "paired", max_length: int
     stats = PrefStats()
     out = []
     for line, row in read_rows(path):
-        rk = row_kind(row, path, line)
+        rk = detect_kind(row, path, line)
         try:
             if kind == "paired":
                 if rk != "paired":

@@ -15,30 +15,10 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError, DataError
+from ..config import parse_columns
+from ..errors import DataError
 from .formats import ROLES, SIGNATURES, Messages, detect_format, row_to_messages
 from .sources import Source
-
-FIELDS = sorted({k for keys in SIGNATURES.values() for k in keys} | {"input", "context"})
-
-
-def parse_columns(text: str | dict | None) -> dict[str, str]:
-    """'instruction=question,output=answer' (or a dict) -> {ours: theirs}, checked."""
-    if not text:
-        return {}
-    if isinstance(text, str):
-        pairs = [p.strip() for p in text.split(",") if p.strip()]
-        bad = [p for p in pairs if "=" not in p]
-        if bad:
-            raise ConfigError(f"columns '{bad[0]}' must look like ours=theirs, e.g. instruction=question,output=answer")
-        text = dict(p.split("=", 1) for p in pairs)
-    mapping = {str(k).strip(): str(v).strip() for k, v in text.items()}
-    unknown = sorted(set(mapping) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"data.columns: unknown field '{unknown[0]}'; map any of {', '.join(FIELDS)} "
-                          "to a column of your file (e.g. {instruction: question, output: answer})")
-    return mapping
-
 
 class Reader:
     """Resolves a source's format and column mapping once, then converts rows one at a time."""

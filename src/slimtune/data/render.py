@@ -67,7 +67,7 @@ def _for_template(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _template(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+def apply_template(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
     if not messages:
         raise DataError("the chat starts with an assistant turn; a user turn must come before it")
     try:
@@ -77,7 +77,7 @@ def _template(tokenizer, messages, add_generation_prompt=False, tools=None) -> s
         raise DataError(f"the tokenizer's chat template failed on this chat: {e}") from None
 
 
-def _special_strings(tokenizer) -> set[str]:
+def special_strings(tokenizer) -> set[str]:
     strings = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
     for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(added, "special", False):
@@ -101,8 +101,8 @@ def end_of_turn_strings(tokenizer) -> tuple[str, ...]:
         return cached[1]
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL + "1"},
              {"role": "user", "content": "Ok"}, {"role": "assistant", "content": SENTINEL + "2"}]
-    text = _template(tokenizer, probe)
-    specials = _special_strings(tokenizer)
+    text = apply_template(tokenizer, probe)
+    specials = special_strings(tokenizer)
     found = []
     for tag in ("1", "2"):
         pos = text.find(SENTINEL + tag)
@@ -126,7 +126,7 @@ def _sentinel_at(tokenizer, full, messages, i, content, tools, exact: bool) -> i
     """Render with turn i's content replaced by `content` (holding SENTINEL once); the sentinel's
     position if the text before it matches `full` (exact: and the rendering minus the sentinel
     IS `full`), else None."""
-    probe = _template(tokenizer, _with_content(messages, i, content), tools=tools)
+    probe = apply_template(tokenizer, _with_content(messages, i, content), tools=tools)
     k = probe.find(SENTINEL)
     if k < 0 or probe.count(SENTINEL) != 1 or probe[:k] != full[:k]:
         return None
@@ -168,7 +168,7 @@ def _content_ends(tokenizer, full, messages, turns, tools) -> dict[int, int]:
     marks = {i: f"{SENTINEL}{i}Z" for i in turns if (messages[i].get("content") or "").strip()}
     if not marks:
         return {}
-    probe = _template(tokenizer, [{**m, "content": m["content"] + marks[i]} if i in marks else m
+    probe = apply_template(tokenizer, [{**m, "content": m["content"] + marks[i]} if i in marks else m
                                   for i, m in enumerate(messages)], tools=tools)
     found = sorted((probe.find(mark), i) for i, mark in marks.items())
     if probe.count(SENTINEL) != len(marks) or found[0][0] < 0:
@@ -181,17 +181,17 @@ def _content_ends(tokenizer, full, messages, turns, tools) -> dict[int, int]:
     return ends if text == full else {}
 
 
-def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools,
+def turn_span(tokenizer, full, messages, i, prev_end, closers, tools,
                content_end: int | None = None) -> tuple[int, int]:
     """(start, end) of assistant turn i in `full`: its content (with the reasoning the template
     writes for it there), tool calls, and its end-of-turn string. content_end: where its content
     ends in `full`, if known (see _content_ends); else found with a sentinel."""
-    prefix = _template(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+    prefix = apply_template(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
     start = len(os.path.commonprefix([prefix, full]))
     if start < len(prefix):
         # The generation header differs from the header in the whole chat (e.g. it opens <think>):
         # the turn starts where they part, provided everything before the header renders the same.
-        before = _template(tokenizer, messages[:i], tools=tools)
+        before = apply_template(tokenizer, messages[:i], tools=tools)
         start = _token_boundary(tokenizer, prefix, full, start)
         if not (full.startswith(before) and start >= len(before)):
             raise DataError(f"the chat template renders the messages before assistant turn {i} differently "
@@ -213,7 +213,7 @@ def _turn_span(tokenizer, full, messages, i, prev_end, closers, tools,
 
 
 def _check_tools(tokenizer, full, messages, tools) -> None:
-    if tools and _template(tokenizer, messages) == full:
+    if tools and apply_template(tokenizer, messages) == full:
         raise DataError("the chat template ignores `tools` (it renders nothing of them); use a model whose "
                         "template supports tool calling, or drop `tools` from the data")
     for i, m in enumerate(messages):
@@ -238,13 +238,13 @@ def _check_turn(tokenizer, full, messages, i, start, end, tools, train_reasoning
             raise DataError(f"the chat template does not render the tool_calls of assistant turn {i} "
                             f"(no {name!r} in the turn); use a model whose template supports tool calling")
     inline = _inline_reasoning(m.get("content")) if train_reasoning else ""
-    if inline and inline not in span and inline not in _template(tokenizer, messages[: i + 1], tools=tools):
+    if inline and inline not in span and inline not in apply_template(tokenizer, messages[: i + 1], tools=tools):
         raise DataError(f"the chat template drops the <think> block written in the content of assistant turn {i}, "
                         "even as the last turn (DeepSeek-R1's template strips reasoning from every assistant "
                         "turn), so it would not be trained; set data.train_reasoning=false to train the answers "
                         "only, or give a template that keeps it (model.chat_template)")
     reasoning = reasoning_of(m).strip()
-    if reasoning and reasoning not in span and reasoning not in _template(tokenizer, messages[: i + 1], tools=tools):
+    if reasoning and reasoning not in span and reasoning not in apply_template(tokenizer, messages[: i + 1], tools=tools):
         raise DataError(f"the chat template renders no reasoning for assistant turn {i}, even as the last turn "
                         "(it ignores reasoning_content/thinking, or a system flag like /no_think turns it off); "
                         "drop the reasoning, write it into the content as <think>...</think> if the model expects "
@@ -257,7 +257,7 @@ def chat_segments(messages: list[dict], tokenizer, train_on: str = "assistant", 
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat template; use an instruct model's tokenizer")
     messages = list(messages)
-    full = _template(tokenizer, messages, tools=tools)
+    full = apply_template(tokenizer, messages, tools=tools)
     if train_on == "all":
         return [Segment(full, True)]
     _check_tools(tokenizer, full, messages, tools)
@@ -267,7 +267,7 @@ def chat_segments(messages: list[dict], tokenizer, train_on: str = "assistant", 
     ends = _content_ends(tokenizer, full, messages, turns, tools)
     segments, pos = [], 0
     for i in turns:
-        start, end = _turn_span(tokenizer, full, messages, i, pos, closers, tools, ends.get(i))
+        start, end = turn_span(tokenizer, full, messages, i, pos, closers, tools, ends.get(i))
         _check_turn(tokenizer, full, messages, i, start, end, tools, train_reasoning)
         if not train_reasoning:
             start = _answer_start(tokenizer, full, messages, i, start, end, tools)
@@ -310,4 +310,4 @@ def render_chat(messages: list[dict], tokenizer, train_on: str = "assistant", ma
 def render_prompt(messages: list[dict], tokenizer, *, tools: list | None = None) -> list[int]:
     """Token ids of a chat followed by the assistant header, ready to generate the next turn."""
     tools = tools if tools is not None else getattr(messages, "tools", None)
-    return _encode(tokenizer, _template(tokenizer, list(messages), add_generation_prompt=True, tools=tools))
+    return _encode(tokenizer, apply_template(tokenizer, list(messages), add_generation_prompt=True, tools=tools))

@@ -13,7 +13,7 @@ import re
 
 from ..errors import DataError
 from .formats import Chat
-from .render import (SENTINEL, _special_strings, _template, _turn_span, end_of_turn_strings, reasoning_of,
+from .render import (SENTINEL, special_strings, apply_template, turn_span, end_of_turn_strings, reasoning_of,
                      render_chat)
 from .tools import highlight
 
@@ -49,9 +49,9 @@ def _try(fn, *args, **kw):
 
 def _default_system(tok) -> str:
     """Text the template writes before a lone user message, less tags and role names."""
-    text = _template(tok, [{"role": "user", "content": SENTINEL}])
+    text = apply_template(tok, [{"role": "user", "content": SENTINEL}])
     before = text[: text.find(SENTINEL)]
-    for s in _special_strings(tok):
+    for s in special_strings(tok):
         before = before.replace(s, "\0")
     role = r"^\s*(system|user|assistant|model|human)\b"
     words = " ".join(re.sub(role, "", chunk, flags=re.I) for chunk in before.split("\0"))
@@ -60,31 +60,31 @@ def _default_system(tok) -> str:
 
 
 def _system_placement(tok) -> str:
-    text = _template(tok, [{"role": "system", "content": "SYSPROBE"}, {"role": "user", "content": SENTINEL}])
+    text = apply_template(tok, [{"role": "system", "content": "SYSPROBE"}, {"role": "user", "content": SENTINEL}])
     if "SYSPROBE" not in text:
         return "dropped (the template renders no system message)"
     between = text[text.find("SYSPROBE") + 8: text.find(SENTINEL)]
-    own = any(s in between for s in _special_strings(tok)) or re.search(r"\buser\b", between, re.I)
+    own = any(s in between for s in special_strings(tok)) or re.search(r"\buser\b", between, re.I)
     return "own turn" if own else "folded into the first user turn"
 
 
 def _rewritten(tok, chat) -> bool:
     """Does an earlier assistant turn render differently in the whole chat than as the last turn?"""
-    full, closers = _template(tok, chat, tools=getattr(chat, "tools", None)), end_of_turn_strings(tok)
+    full, closers = apply_template(tok, chat, tools=getattr(chat, "tools", None)), end_of_turn_strings(tok)
     tools = getattr(chat, "tools", None)
     for i, m in enumerate(chat[:-1]):
         if m["role"] == "assistant":
-            s, e = _turn_span(tok, full, list(chat), i, 0, closers, tools)
-            alone = _template(tok, list(chat[: i + 1]), tools=tools)
-            s2, e2 = _turn_span(tok, alone, list(chat[: i + 1]), i, 0, closers, tools)
+            s, e = turn_span(tok, full, list(chat), i, 0, closers, tools)
+            alone = apply_template(tok, list(chat[: i + 1]), tools=tools)
+            s2, e2 = turn_span(tok, alone, list(chat[: i + 1]), i, 0, closers, tools)
             if full[s:e] != alone[s2:e2]:
                 return True
     return False
 
 
 def _after_last(tok) -> str:
-    full = _template(tok, MULTI)
-    _, end = _turn_span(tok, full, MULTI, len(MULTI) - 1, 0, end_of_turn_strings(tok), None)
+    full = apply_template(tok, MULTI)
+    _, end = turn_span(tok, full, MULTI, len(MULTI) - 1, 0, end_of_turn_strings(tok), None)
     tail = full[end:].strip()
     if not tail:
         return "nothing"
@@ -107,7 +107,7 @@ def _tools(tok) -> str:
 
 
 def _reasoning(tok) -> str:
-    full, err = _try(_template, tok, REASONING)
+    full, err = _try(apply_template, tok, REASONING)
     if err:
         return f"no (template failed: {err})"
     shown = [reasoning_of(m) in full for m in REASONING if m["role"] == "assistant"]
@@ -121,7 +121,7 @@ def _reasoning(tok) -> str:
 def _inline_think(tok) -> str:
     chat = [{"role": "user", "content": "What is 2 + 2?"},
             {"role": "assistant", "content": "<think>\nTwo plus two makes four.\n</think>\n\n4."}]
-    full, err = _try(_template, tok, chat)
+    full, err = _try(apply_template, tok, chat)
     if err:
         return f"? (template failed: {err})"
     if "Two plus two makes four." in full:

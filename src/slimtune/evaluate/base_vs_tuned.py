@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
-from pathlib import Path
 
-from ..readback import read_json
 from ..generate import GenSettings, can_mix, generate_many, merged
+from ..models import model_files
+from ..readback import read_json
 
 CACHE_VERSION = 1  # bump when generation changes what an answer is
 
@@ -129,7 +129,7 @@ class AnswerCache:
         from ..models import cache_dir
 
         self.tok, self.settings = tokenizer, settings
-        ident = {"v": CACHE_VERSION, "model": model_name, "files": _files(model_name), "dtype": dtype,
+        ident = {"v": CACHE_VERSION, "model": model_name, "files": model_files(model_name), "dtype": dtype,
                  "stops": stop_ids(tokenizer, model), "settings": {**settings.to_dict(), "seed": None}}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
         self.path = cache_dir() / "gen" / f"{key}.json"
@@ -163,16 +163,3 @@ class AnswerCache:
             pass  # a read-only cache only costs time
 
 
-def _files(model_name: str) -> list:
-    """[name, size, mtime_ns] of the model folder's files; [] for a hub id (the name is the key)."""
-    from ..errors import SlimtuneError
-    from ..models import resolve_model
-
-    try:
-        folder = Path(resolve_model(model_name))
-    except SlimtuneError:
-        return []
-    if not folder.is_dir():
-        return []
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-            if f.is_file() and not f.name.startswith(".")]

@@ -24,7 +24,7 @@ PLOTS = {  # file stem: (title, y label, [(log field, legend, marker)])
               ("eval_loss", "held-out loss", "o")]),
     "kl": ("KL to base", "KL(base || tuned) per token",
            [("eval_kl", "held-out", "o"), ("general_kl", "general prompts", "s"), ("kl", "training batches", "")]),
-    # preference objectives (train/preference.py): drawn only when the log has these fields
+    # preference objectives (train/objectives/paired.py, kto.py): drawn only when the log has these fields
     "rewards": ("Preference rewards", "implicit reward (beta x log-ratio)",
                 [("rewards_chosen", "chosen", ""), ("rewards_rejected", "rejected", ""), ("margin", "margin", ""),
                  ("eval_margin", "held-out margin", "o")]),

@@ -78,12 +78,13 @@ def training_heldout(pair, examples: list[dict], general: list[dict], states, n_
 
     Equal to measuring again up to float rounding: training evaluated with the adapter unmerged,
     `slimtune eval` merges it (tests/test_evalrun.py compares the two)."""
-    from .heldout import base_loss_from_states
+    from ..specs import SPECS
+    from ..train.heldout import base_loss_from_states
 
     cfg = pair.cfg
     summary = _measured_these_weights(pair, n_max, dtype)
     after = (summary or {}).get("after") or {}
-    if (summary is None or summary.get("objective") not in ("sft", "kl_sft")
+    if (summary is None or summary.get("objective") not in SPECS or SPECS[summary["objective"]].evaluation != "heldout"
             or None in (after.get("eval_loss"), after.get("eval_kl"))
             or (after.get("general_kl") is None and general)):
         return None
@@ -119,11 +120,10 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
     from ..methods import method_of
     from ..runfolder import as_base
     from ..train.objectives import make_objective
-    from ..train.preference import row_kind
 
     obj = make_objective(cfg)
     if data:
-        rows, source = load_preferences(data, tok, row_kind(obj.name), cfg.data.max_length, cfg.data.system_prompt)[0], data
+        rows, source = load_preferences(data, tok, obj.spec.rows, cfg.data.max_length, cfg.data.system_prompt)[0], data
     else:
         try:
             rows = obj.prepare_data(tok, cfg.train.seed).val
@@ -148,7 +148,7 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
             "weights (--recompute measures again)")
         pick = (lambda ev: {k: ev.get(f"eval_{k}") for k in PREF_KEYS})
         base = pick(before)
-        if obj.needs_reference:  # the base is its own reference: its rewards are 0 by definition (step 0's
+        if obj.uses_reference:  # the base is its own reference: its rewards are 0 by definition (step 0's
             base.update({k: 0.0 for k in ("accuracy", "margin") if base[k] is not None})  # differ by rounding)
         heldout.update(base=base, tuned=pick(after), kl_to_base=after.get("eval_kl"),
                        from_training={"step": summary["final_eval"].get("step"),
@@ -188,9 +188,9 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     from ..runfolder import run_kind
     from ..methods import method_of
     from .base_vs_tuned import BaseVsTuned
-    from .heldout import heldout_metrics
+    from ..train.heldout import heldout_metrics
     from .ifeval import ifeval_metrics, load_ifeval
-    from .states import base_states
+    from ..train.base_states import base_states
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -204,11 +204,11 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     ref = pair.ref
     pad = tok.pad_token_id
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
-    from ..train.preference import is_preference
+    from ..specs import spec_for
 
     if not with_heldout:
         examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
-    elif is_preference(cfg.loss.objective):
+    elif spec_for(cfg.loss.objective, cfg.loss.kl_lambda).evaluation == "preference":
         heldout, general = preference_heldout(pair, data, n_max, log, dtype, reuse)
         examples = []
     else:

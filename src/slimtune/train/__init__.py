@@ -1,2 +1,2 @@
-"""Training: the one loop (`loop.train`), its objectives, optimizers, callbacks and checkpoints."""
-from . import objectives  # noqa: F401  first, so the objective modules it registers can import its base class
+"""Training: the one loop (`loop.train`), its objectives, optimizers, callbacks, checkpoints and its
+own evaluation (held-out metrics, cached base states)."""

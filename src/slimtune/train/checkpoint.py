@@ -40,7 +40,7 @@ def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"state": rest, "param_groups": sd["param_groups"]}
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
     for name, t in tensors.items():
         idx, key = name.split(".", 1)
@@ -55,7 +55,7 @@ def rng_state() -> dict:
             "python": random.getstate()}
 
 
-def _set_rng(tensors: dict, pythons: list, rank: int) -> None:
+def set_rng(tensors: dict, pythons: list, rank: int) -> None:
     if f"torch.{rank}" not in tensors:  # saved by fewer processes than now run: share rank 0's
         rank = 0
     torch.set_rng_state(tensors[f"torch.{rank}"])
@@ -148,7 +148,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, rank: int = 0
         for n, t in trained.items():
             params[n].copy_(t)
     meta = read_json(path / "state.json", fix)
-    optimizer.load_state_dict(_join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"]))
+    optimizer.load_state_dict(join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    _set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
+    set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
     return meta["loop"]

@@ -184,7 +184,7 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from ..readback import read_json, read_safetensors
-    from .checkpoint import _join_optimizer, _set_rng
+    from .checkpoint import join_optimizer, set_rng
 
     def place(t, like):
         if isinstance(like, DTensor):
@@ -204,7 +204,7 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
             (p.to_local() if isinstance(p, DTensor) else p).copy_(
                 placed.to_local() if isinstance(placed, DTensor) else placed)
     meta = read_json(path / "state.json", fix)
-    sd = _join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"])
+    sd = join_optimizer(read_safetensors(path / "optimizer.safetensors", fix), meta["optimizer"])
     order = [p for g in optimizer.param_groups for p in g["params"]]
     for i, st in sd["state"].items():
         for k, v in st.items():
@@ -212,5 +212,5 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
                 st[k] = place(v, order[i])
     optimizer.load_state_dict(sd)
     scheduler.load_state_dict(meta["scheduler"])
-    _set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
+    set_rng(read_safetensors(path / "rng.safetensors", fix), meta["python_rng"], rank)
     return meta["loop"]

@@ -31,8 +31,6 @@ from ..data.batching import collate, length_grouped_batches, pack, row_length, s
 from ..data.prepare import Prepared
 from ..errors import ConfigError
 from ..machine import bf16_supported
-from ..evaluate.heldout import heldout_metrics
-from ..evaluate.states import base_states
 from ..methods import apply_method, method_of, trainable_report
 from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, reset_peak_rss, seed_everything
 from . import distributed
@@ -40,7 +38,9 @@ from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .forward import check_head
 from .layer_choice import auto_k, choose_layers, layer_scores
-from .objectives import SFT, Objective, make_objective
+from .base_states import base_states
+from .heldout import heldout_metrics
+from .objectives import Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
 from .precision import Precision, check_precision
 from .trackers import check_trackers, make_trackers
@@ -224,7 +224,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
                 callbacks=own + (list(callbacks) if acc.is_main_process else []),
                 timer=timer, loop=loop, resumed_s=loop["train_s"] if ckpt is not None else 0.0,
                 amp=Precision(tc.mixed_precision, acc.device.type, log),
-                ref_caches={"val": states if isinstance(objective, SFT) else {}, "general": states})
+                ref_caches={"val": states if objective.spec.evaluation == "heldout" else {}, "general": states})
     s.amp.load_state_dict(loop.get("amp"))
     s.rows, s.batches = epoch_rows(data.train, cfg, loop["epoch"], objective)
     objective.before_training(model, data.train, tokenizer.pad_token_id, ref_model)
@@ -251,10 +251,19 @@ def step(s: Session) -> dict:
     group = s.batches[loop["batch"]: loop["batch"] + need]
     loop["batch"] += need
     mine = group[acc.process_index::acc.num_processes]
-    micro = [piece for idx in mine
-             for piece in split_by_tokens([s.rows[i] for i in idx], tc.micro_batch_tokens, s.objective.length)]
-    units = sum(s.objective.units([s.rows[i] for i in idx]) for idx in group)  # all processes
-    tokens = sum(s.objective.tokens([s.rows[i] for i in idx]) for idx in group)
+    if s.objective.spec.generates:
+        # rows made during the step (completions sampled from the model now): their units are
+        # known only where they were made, so the processes add theirs up
+        batches = [s.objective.begin_step(s.model, [s.rows[i] for i in idx], loop["step"], s.ref_model)
+                   for idx in mine]
+        counted = _all_reduce(acc, {"units": sum(s.objective.units(b) for b in batches),
+                                    "tokens": sum(s.objective.tokens(b) for b in batches)})
+        units, tokens = counted["units"], int(counted["tokens"])
+    else:
+        batches = [[s.rows[i] for i in idx] for idx in mine]
+        units = sum(s.objective.units([s.rows[i] for i in idx]) for idx in group)  # all processes
+        tokens = sum(s.objective.tokens([s.rows[i] for i in idx]) for idx in group)
+    micro = [piece for rows in batches for piece in split_by_tokens(rows, tc.micro_batch_tokens, s.objective.length)]
     sums = accumulate_grads(s.model, micro, units, s.tokenizer.pad_token_id, s.objective, loop["step"],
                             s.ref_model, acc, s.amp)
     s.amp.unscale(s.optimizer)  # fp16: true gradients before clipping

@@ -22,6 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models import model_files
+from ..utils import cache_dir
 
 STATES_VERSION = 1  # bump when what an entry holds changes
 
@@ -37,7 +42,6 @@ class BaseStates(dict):
         self.path = Path(path)
         self._new: set[str] = set()
         try:
-            from safetensors import safe_open
 
             with safe_open(str(self.path), "pt") as f:
                 self._on_disk = set(f.keys())
@@ -50,7 +54,6 @@ class BaseStates(dict):
     def __missing__(self, key):
         if key not in self._on_disk:
             raise KeyError(key)
-        from safetensors import safe_open
 
         with safe_open(str(self.path), "pt") as f:
             value = f.get_tensor(key)
@@ -66,7 +69,6 @@ class BaseStates(dict):
         """Write the file again with the entries added since the last write (if any)."""
         if not self._new:
             return
-        from safetensors.torch import save_file
 
         tmp = None
         try:  # the entries already on disk are read back: the file is written whole
@@ -85,10 +87,8 @@ class BaseStates(dict):
 
 def base_states(model_name: str, dtype: str, device: str, four_bit: bool = False) -> BaseStates:
     """The on-disk states of this base in this context (see the module doc)."""
-    from ..utils import cache_dir
-    from .base_vs_tuned import _files
 
-    ident = {"v": STATES_VERSION, "model": model_name, "files": _files(model_name), "dtype": dtype,
+    ident = {"v": STATES_VERSION, "model": model_name, "files": model_files(model_name), "dtype": dtype,
              "device": torch.device(device).type, "four_bit": bool(four_bit)}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(os.environ.get("SLIMTUNE_STATES_CACHE") or cache_dir() / "states")

@@ -12,8 +12,8 @@ from ..data.batching import collate, length_grouped_batches
 from ..data.render import IGNORE
 from ..generate import merged
 from ..losses.sft import chunked_loss
-from ..train.forward import KLTerm, batch_loss, output_layer, reference_states
-from .states import batch_key
+from .forward import KLTerm, batch_loss, output_layer, reference_states
+from .base_states import batch_key
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     The KL metric is always the forward direction at temperature 1 on trained (assistant) tokens,
     whatever the training objective, so runs are comparable. Pass the same `ref_cache` dict to
     every evaluation of one example set: the base's hidden states are then computed only once
-    (keyed by the batch's content; an `evaluate.states.BaseStates` keeps them on disk).
+    (keyed by the batch's content; a `base_states.BaseStates` keeps them on disk).
 
     base_loss (with kl): also the base's own loss and perplexity ("base_loss", "base_ppl") from the
     hidden states the KL takes from the base anyway, so the base runs once, not twice.
@@ -50,7 +50,7 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
             for key, batch in zip(keys, batches):
                 if key not in cache:
                     cache[key] = reference_states(model, batch, term, ref_model)
-            if hasattr(cache, "flush"):  # evaluate.states.BaseStates: kept on disk for later evaluations
+            if hasattr(cache, "flush"):  # base_states.BaseStates: kept on disk for later evaluations
                 cache.flush()
         with merged(model) if merge else nullcontext():
             for key, batch in zip(keys, batches):

@@ -1,0 +1,59 @@
+"""The objectives, torch-free: what config, data, the loop and evaluation need to know of each.
+
+    name     family (train/objectives/<module>.py)  rows       packable  reference  evaluation
+    sft      sft                                    chats      yes       none       heldout
+    kl_sft   sft                                    chats      yes       base       heldout
+    dpo      paired                                 paired     no        base       preference
+    ipo      paired                                 paired     no        base       preference
+    orpo     paired                                 paired     no        none       preference
+    simpo    paired                                 paired     no        none       preference
+    kto      kto                                    unpaired   no        base       preference
+
+Everything outside an objective's own module reads these fields, never its name or class: config
+validates names and packing, data reads the row kind, the loop and `slimtune eval` pick the
+held-out measures. A new objective = one row here + one module in train/objectives/ + its
+`loss.*` fields in config.py + tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    module: str
+    """train/objectives/<module>.py defines it."""
+    rows: str
+    """The data rows it reads: chats (rendered, trained tokens marked), paired ({prompt, chosen,
+    rejected}), unpaired ({prompt, completion, label})."""
+    packable: bool
+    """Rows may be packed into one sequence (data.packing)."""
+    reference: str
+    """none, or base: the base model's outputs (adapters off, or a frozen copy for full FT)."""
+    evaluation: str
+    """heldout: loss, perplexity and KL on held-out chats (base states cached on disk);
+    preference: held-out preference accuracy and rewards."""
+    generates: bool = False
+    """Its training rows are made during each step from the current model (`begin_step`: sampled
+    completions); the loop then counts the step's units after that, over all processes."""
+
+
+SPECS: dict[str, ObjectiveSpec] = {s.name: s for s in (
+    ObjectiveSpec("sft", "sft", "chats", True, "none", "heldout"),
+    ObjectiveSpec("kl_sft", "sft", "chats", True, "base", "heldout"),
+    ObjectiveSpec("dpo", "paired", "paired", False, "base", "preference"),
+    ObjectiveSpec("ipo", "paired", "paired", False, "base", "preference"),
+    ObjectiveSpec("orpo", "paired", "paired", False, "none", "preference"),
+    ObjectiveSpec("simpo", "paired", "paired", False, "none", "preference"),
+    ObjectiveSpec("kto", "kto", "unpaired", False, "base", "preference"),
+)}
+
+CONFIG_NAMES = tuple(n for n in SPECS if n != "kl_sft")
+"""What loss.objective accepts: kl_sft is sft with loss.kl_lambda > 0."""
+
+
+def spec_for(objective: str, kl_lambda: float = 0.0) -> ObjectiveSpec:
+    """The spec of `loss.objective` (sft with a KL weight is kl_sft)."""
+    return SPECS["kl_sft" if objective == "sft" and kl_lambda > 0 else objective]
