@@ -1,6 +1,7 @@
 """One table over every method that runs on CPU: what trains, what stays frozen, what reloads."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -93,16 +94,16 @@ def test_kl_is_zero_at_init_and_with_adapters_off(key, tok, tiny_dir):
     model = apply_method(make_model(tok), MethodCfg(**METHODS[key]), tokenizer_path=tiny_dir)
     batch = batch_of(tok)
     if key in ("lora",):  # LoRA B starts at zero: the tuned model IS the base
-        out = batch_loss(model, batch, KLTerm(weight=0.1))
+        out = batch_loss(model, batch, dataclasses.replace(KLTerm.metric(), weight=0.1))
         assert float(out.kl_sum) == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():  # move the adapter away from identity, then switch it off
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
-    out = batch_loss(model, batch, KLTerm())
+    out = batch_loss(model, batch, KLTerm.metric())
     assert float(out.kl_sum) > 1e-4
     with adapters_disabled(model):
-        base_out = batch_loss(model, batch, KLTerm())
+        base_out = batch_loss(model, batch, KLTerm.metric())
     assert float(base_out.kl_sum) == pytest.approx(0.0, abs=1e-6)
 
 

@@ -8,6 +8,7 @@ state not restored on resume.
 """
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -157,7 +158,7 @@ def test_eval_loss_and_kl_match_the_reference(tok, examples):
 def test_kl_positions_per_example(tok, examples, kind, packed):
     """Catches: 'all' treated as 'trained', 'last_n' counted per packed row, a row's last position dropped."""
     model = perturbed_lora(tok)
-    term = KLTerm(weight=0.0, positions=kind, last_n=5)
+    term = dataclasses.replace(KLTerm.metric(), positions=kind, last_n=5)
     rows = pack(examples, max_length=4096) if packed else examples
     assert not packed or len(rows) == 1
     with torch.no_grad():
@@ -180,11 +181,11 @@ def test_kl_reference_for_dora_and_full_fine_tuning(tok, examples, method):
     model = apply_method(base, MethodCfg(name=method, r=4))
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
-        assert float(batch_loss(model, batch, KLTerm(), ref_model=ref_model).kl_sum) == pytest.approx(0, abs=1e-6)
+        assert float(batch_loss(model, batch, KLTerm.metric(), ref_model=ref_model).kl_sum) == pytest.approx(0, abs=1e-6)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-        got = batch_loss(model, batch, KLTerm(), normaliser=1.0, ref_model=ref_model)
+        got = batch_loss(model, batch, KLTerm.metric(), normaliser=1.0, ref_model=ref_model)
         _, _, want, _ = ref_sums(float64_copy(model).eval(), examples, kl_weight=1.0,
                                  base=None if ref_model is None else float64_copy(ref_model))
     assert float(want) > 1e-3

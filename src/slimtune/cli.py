@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import TRAIN_ON, WEIGHT_DTYPES, DataCfg  # light: yaml and the dataclasses
+from .config import DEFAULT_MODEL, TRAIN_ON, WEIGHT_DTYPES, DataCfg  # light: yaml and the dataclasses
 from .errors import SlimtuneError
 
 
@@ -58,7 +58,7 @@ def add_data(sub):
     s = dsub.add_parser("stats", help="format, columns, examples, tokens, trained-token share, lengths; "
                                       "one example with its mask")
     s.add_argument("file", help=SOURCES)
-    s.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model or tokenizer folder (default: {DEFAULT_MODEL})")
     s.add_argument("--chat-template", help="for a base model: chatml, llama3, alpaca, zephyr or a .jinja file")
     _source_options(s)
     s.add_argument("--train-on", default=DataCfg.train_on, choices=TRAIN_ON)
@@ -71,7 +71,7 @@ def add_data(sub):
 
     t = dsub.add_parser("check-template", help="probe chats through a model's chat template: trained tokens marked, "
                                                "behaviours detected (default system, rewritten turns, eot vs eos...)")
-    t.add_argument("--model", default="smollm2-135m", help="model or tokenizer folder (default: smollm2-135m)")
+    t.add_argument("--model", default=DEFAULT_MODEL, help=f"model or tokenizer folder (default: {DEFAULT_MODEL})")
     t.set_defaults(func=cmd_data_check_template)
 
     c = dsub.add_parser("convert", help="any supported source -> JSONL (ChatML messages; prompt/completion; text)")
@@ -112,7 +112,7 @@ def add_data(sub):
                                      "chosen = the dataset's answer, rejected = MODEL's greedy answer. Writes "
                                      "{prompt, chosen, rejected} JSONL for loss.objective=dpo (or ipo, orpo, simpo, kto).")
     pr.add_argument("file", help=SOURCES)
-    pr.add_argument("--model", default="smollm2-135m", help="model, run folder or .gguf (default: smollm2-135m)")
+    pr.add_argument("--model", default=DEFAULT_MODEL, help=f"model, run folder or .gguf (default: {DEFAULT_MODEL})")
     pr.add_argument("--out", required=True)
     _source_options(pr)
     pr.add_argument("--system-prompt")
@@ -351,10 +351,9 @@ def add_chat(sub):
 
 
 def cmd_chat(args):
-    from .data.formats import with_system
-    from .generate import merged, settings_for
     from .chat import Streamer, chat_loop
-    from .generate import generate
+    from .data.formats import with_system
+    from .generate import generate, merged, settings_for
     from .runfolder import load_run
 
     model, tok, cfg = load_run(args.target, args.dtype)

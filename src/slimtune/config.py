@@ -40,13 +40,17 @@ KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("trained", "all", "last_n")
 FORMATS = ("auto", "messages", "alpaca", "dolly", "sharegpt", "prompt_completion", "text")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_MODEL = "smollm2-135m"
+"""The embedded SmolLM2-135M-Instruct (models.py): the model every command uses when none is named."""
+CHUNK_SIZE = 1024
+"""Rows of the output layer's logits computed at once in the chunked losses (loss.chunk_size)."""
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass
 class ModelCfg:
-    name: str = "smollm2-135m"
+    name: str = DEFAULT_MODEL
     """Hub id, local HF folder, a .gguf file, or an embedded name (smollm2-135m)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 (CPU with AVX512-BF16/AMX, or CUDA), float16, auto."""
@@ -173,7 +177,7 @@ class LossCfg:
     """trained (assistant tokens), all (every real token), last_n (the last n of each example)."""
     kl_last_n: int = 64
     """kl_positions=last_n: how many positions at the end of each example."""
-    chunk_size: int = 1024
+    chunk_size: int = CHUNK_SIZE
     """Tokens per chunk of the output projection: peak logits memory = chunk x vocab."""
     # --- preference objectives (train/objectives/paired.py, kto.py; losses/preference.py)
     beta: float = 0.1

@@ -20,9 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from .config import DEVICES
 from .errors import ConfigError, SlimtuneError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def mps_available() -> bool:

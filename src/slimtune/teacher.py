@@ -23,9 +23,10 @@ import json
 from array import array
 from pathlib import Path
 
+from .config import CHUNK_SIZE
 from .data.render import IGNORE
 from .errors import ConfigError, DataError
-from .utils import atomic_write_bytes, atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_json, eval_mode
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -132,7 +133,7 @@ def _finish_shard(out: Path, manifest: dict, entry: dict) -> None:
 
 def write_teacher_logprobs(rows: list[dict], teacher_model, out_dir: str | Path, top_k: int,
                            data_hash: str, teacher_hash: str, *, temperature: float = 1.0,
-                           shard_rows: int = 1024, batch_size: int = 8, chunk_size: int = 1024,
+                           shard_rows: int = 1024, batch_size: int = 8, chunk_size: int = CHUNK_SIZE,
                            log=None) -> dict:
     """Write the teacher's top-k log-probs at every trained position of `rows` to `out_dir`.
 
@@ -155,9 +156,7 @@ def write_teacher_logprobs(rows: list[dict], teacher_model, out_dir: str | Path,
     for tmp in out.glob(".shard-*.tmp"):  # left by a killed write (atomic_write_bytes' temporaries)
         tmp.unlink(missing_ok=True)
     done = {s["file"] for s in manifest["shards"] if (out / s["file"]).is_file()}
-    was_training = teacher_model.training
-    teacher_model.eval()  # no dropout: the stored log-probs are the teacher's, not a sample of it
-    try:
+    with eval_mode(teacher_model):  # no dropout: the stored log-probs are the teacher's, not a sample of it
         for start in range(0, len(rows), shard_rows):
             name = f"shard-{start // shard_rows:05d}.arrow"
             if name in done:
@@ -169,8 +168,6 @@ def write_teacher_logprobs(rows: list[dict], teacher_model, out_dir: str | Path,
             _finish_shard(out, manifest, {"file": name, "rows": [start, end], "trained": n_trained})
             if log:
                 log(f"teacher log-probs: rows {manifest['rows_done']}/{len(rows)}")
-    finally:
-        teacher_model.train(was_training)
     return manifest
 
 
@@ -203,7 +200,7 @@ def _arrow_bytes(table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def teacher_topk(model, rows: list[dict], top_k: int, temperature: float = 1.0, chunk_size: int = 1024):
+def teacher_topk(model, rows: list[dict], top_k: int, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE):
     """[(ids (n_i, K) int32 ndarray, logps (n_i, K) fp32 ndarray)] per row: the teacher's top k of
     log softmax(logits / temperature) at the row's n_i trained positions, highest first.
 

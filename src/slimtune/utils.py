@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,18 +28,39 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _atomic_write(path: str | Path, text: str | bytes, mode: str) -> None:
+    with atomic_file(path) as tmp, open(tmp, mode) as f:
+        f.write(text)
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: int = 0o644):
+    """`with atomic_file(path) as tmp:` write `tmp` (a path beside `path`) any way you like; on
+    success it is fsynced and renamed over `path` (readers see the old file or the new one, never
+    half of one); on an exception it is deleted and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def eval_mode(model):
+    """`with eval_mode(model):` dropout off for the block, the model's previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -50,8 +72,6 @@ def atomic_dir(final: str | Path):
 
     A crash mid-write leaves only a `.tmp-*` folder that is ignored and cleaned next time.
     """
-    from contextlib import contextmanager
-
     @contextmanager
     def _cm():
         final_p = Path(final)

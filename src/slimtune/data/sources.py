@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from ..utils import cache_dir
+from ..utils import atomic_file, cache_dir
 
 BOM = b"\xef\xbb\xbf"
 SUFFIXES = (".jsonl, .json, .parquet, .csv, .arrow (JSON also as .gz or .zst), a folder of them or a pattern "
@@ -251,24 +251,18 @@ def _open_json(path: Path) -> Source:
         rows = _json_list(path, head) if head.startswith("[") or base.endswith(".json") else None
         kind = "jsonl" if rows is None else "json"
         rows = _json_lines(path) if rows is None else rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        writer = ArrowWriter(features=Features({"_line": Value("int64"), "_json": Value("string")}), path=str(tmp))
-        try:
-            n = 0
-            for lineno, text in rows:
-                writer.write({"_line": lineno, "_json": text})
-                n += 1
-            writer.finalize()
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        writer.close()
-        if n == 0:
-            tmp.unlink(missing_ok=True)
-            raise DataError("the file holds no rows", path=str(path))
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            writer = ArrowWriter(features=Features({"_line": Value("int64"), "_json": Value("string")}), path=str(tmp))
+            try:
+                n = 0
+                for lineno, text in rows:
+                    writer.write({"_line": lineno, "_json": text})
+                    n += 1
+                writer.finalize()
+            finally:
+                writer.close()
+            if n == 0:
+                raise DataError("the file holds no rows", path=str(path))
     ds = Dataset.from_file(str(out))
     return Source(str(path), kind, ds, key)
 

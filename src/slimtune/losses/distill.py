@@ -25,9 +25,19 @@ import math
 import torch
 from torch import Tensor
 
+from ..config import CHUNK_SIZE
 from ..data.render import IGNORE
-from .sft import (DIRECTIONS, LossOut, add_head_grads, head_backward, head_grad_buffers, kl_terms, project,
-                  tempered_log_softmax)
+from .sft import (
+    DIRECTIONS,
+    LossOut,
+    add_head_grads,
+    head_backward,
+    head_grad_buffers,
+    kl_terms,
+    project,
+    scale_stored_grads,
+    tempered_log_softmax,
+)
 
 TAILS = ("bucket", "renorm")
 # Teacher log-probs are floored here: a zero-probability category (a tail the stored top k covers
@@ -39,7 +49,7 @@ LOG_FLOOR = math.log(1e-30)
 def topk_distill_loss(hidden: Tensor, weight: Tensor, targets: Tensor, teacher_ids: Tensor,
                       teacher_logps: Tensor, *, alpha: float = 0.5, temperature: float = 1.0,
                       direction: str = "forward", jsd_beta: float = 0.5, tail: str = "bucket",
-                      chunk_size: int = 1024, normaliser: float | int | Tensor | None = None,
+                      chunk_size: int = CHUNK_SIZE, normaliser: float | int | Tensor | None = None,
                       bias: Tensor | None = None, logit_scale: float | None = None,
                       logit_softcap: float | None = None) -> LossOut:
     """alpha * CE + (1 - alpha) * tau^2 * D(teacher || student) from a stored teacher's top k.
@@ -112,13 +122,7 @@ class _TopKLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
-        grads = []
-        for g, dt in zip(ctx.saved_tensors, ctx.dtypes):
-            if g is not None:
-                g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss
-                g = g.to(dt)
-            grads.append(g)
-        return (*grads, None, None, None, None, None, None)
+        return (*scale_stored_grads(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def _chunk(h, w, b, t, ids, tlogp, o, want_grad):

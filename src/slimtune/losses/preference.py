@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import CHUNK_SIZE
+
 
 @dataclass
 class TokenLogps:
@@ -39,7 +41,7 @@ class TokenLogps:
 
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                 ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
-                ref_bias: Tensor | None = None, chunk_size: int = 1024,
+                ref_bias: Tensor | None = None, chunk_size: int = CHUNK_SIZE,
                 logit_softcap: float | None = None, logit_scale: float | None = None) -> TokenLogps:
     """Log-probs of `targets` (N,) under `hidden` (N, H) @ `weight` (V, H).T (+ bias), in chunks.
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import CHUNK_SIZE
 from ..data.render import IGNORE  # one definition: the label of untrained positions
 
 DIRECTIONS = ("forward", "reverse", "jsd")
@@ -71,7 +72,7 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
                  normaliser: float | int | Tensor | None = None, ref_hidden: Tensor | None = None,
                  ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                  kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
-                 direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
+                 direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = CHUNK_SIZE,
                  logit_softcap: float | None = None, logit_scale: float | None = None) -> LossOut:
     """CE (+ KL to the base) over N rows without building (N, V) logits.
 
@@ -114,7 +115,7 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
                    normaliser: float | int | Tensor | None = None, ref_hidden: Tensor | None = None,
                    ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                    kl_mask: Tensor | None = None, kl_lambda: float = 0.0, temperature: float = 1.0,
-                   direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = 1024,
+                   direction: str = "forward", jsd_beta: float = 0.5, chunk_size: int = CHUNK_SIZE,
                    logit_softcap: float | None = None, logit_scale: float | None = None) -> LossOut:
     """The naive path: full (N, V) logits and plain autograd. Same arguments and result as
     `chunked_loss` (chunk_size is ignored); used by tests and benchmarks."""
@@ -177,13 +178,19 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
-        grads = []
-        for g, dt in zip(ctx.saved_tensors, ctx.dtypes):
-            if g is not None:
-                g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss
-                g = g.to(dt)
-            grads.append(g)
-        return (*grads, None, None, None, None, None, None)
+        return (*scale_stored_grads(ctx, grad_loss), None, None, None, None, None, None)
+
+
+def scale_stored_grads(ctx, grad_loss: Tensor) -> list:
+    """Backward of a loss whose forward stored its gradients (ctx.saved_tensors, ctx.dtypes): each
+    times the incoming scalar gradient, in its input's dtype."""
+    grads = []
+    for g, dt in zip(ctx.saved_tensors, ctx.dtypes):
+        if g is not None:
+            g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss
+            g = g.to(dt)
+        grads.append(g)
+    return grads
 
 
 def head_grad_buffers(hidden: Tensor, v: int, need_h: bool, need_w: bool, need_b: bool):

@@ -22,15 +22,14 @@ What follows llama.cpp's convert_hf_to_gguf.py (the reference writer):
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import SlimtuneError
+from ..utils import atomic_file
 from .gguf_vocab import add_vocab, vocab_metadata
 
 TYPES = ("f32", "f16", "q8_0")
@@ -159,12 +158,8 @@ def write_gguf(model, tokenizer, out: str | Path, kind: str = "f16", title: str 
     check_supported(cfg)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     meta = vocab_metadata(tokenizer, n_vocab)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, cfg.model_type)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), cfg.model_type)
         add_architecture(writer, cfg, n_vocab, kind, title)
         add_vocab(writer, meta)
         for name, t in gguf_tensors(model):
@@ -174,13 +169,6 @@ def write_gguf(model, tokenizer, out: str | Path, kind: str = "f16", title: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return meta
 
 

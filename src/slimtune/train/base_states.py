@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models import model_files
-from ..utils import cache_dir
+from ..utils import atomic_file, cache_dir
 
 STATES_VERSION = 1  # bump when what an entry holds changes
 
@@ -70,19 +69,14 @@ class BaseStates(dict):
         if not self._new:
             return
 
-        tmp = None
         try:  # the entries already on disk are read back: the file is written whole
             tensors = {k: self[k].detach().to("cpu").contiguous() for k in self._on_disk | self._new}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp)
-            os.replace(tmp, self.path)
+            with atomic_file(self.path) as tmp:
+                save_file(tensors, str(tmp))
             self._on_disk |= self._new
             self._new.clear()
         except Exception:  # a read-only or changed cache only costs time: computed again next time
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
+            pass
 
 
 def base_states(model_name: str, dtype: str, device: str, four_bit: bool = False) -> BaseStates:

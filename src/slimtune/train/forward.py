@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LossCfg
+from ..config import CHUNK_SIZE, LossCfg
 from ..data.render import IGNORE
 from ..errors import ConfigError
 from ..losses.sft import LossOut, chunked_loss
 from ..methods import adapters_disabled, base_of
+from ..utils import eval_mode
 
 
 def decoder_of(model):
@@ -81,12 +82,12 @@ def output_layer(model) -> Head:
 class KLTerm:
     """The KL-to-base part of a loss: weight (lambda now; 0 = measured, not trained) and how."""
 
-    weight: float = 0.0
-    temperature: float = 1.0
-    direction: str = "forward"
-    jsd_beta: float = 0.5
-    positions: str = "trained"
-    last_n: int = 64
+    weight: float
+    temperature: float
+    direction: str
+    jsd_beta: float
+    positions: str
+    last_n: int
 
     @classmethod
     def from_cfg(cls, cfg: LossCfg, weight: float) -> KLTerm:
@@ -94,8 +95,9 @@ class KLTerm:
 
     @classmethod
     def metric(cls) -> KLTerm:
-        """What evaluation reports whatever the training objective: forward KL, tau 1, trained tokens."""
-        return cls()
+        """What evaluation reports whatever the training objective: forward KL, tau 1, trained tokens
+        (loss.* defaults, measured with weight 0)."""
+        return cls.from_cfg(LossCfg(), 0.0)
 
 
 def example_ids(batch: dict) -> torch.Tensor:
@@ -133,7 +135,7 @@ def kl_positions(batch: dict, targets: torch.Tensor, term: KLTerm) -> torch.Tens
 
 
 def batch_loss(model, batch: dict, kl: KLTerm | None = None, normaliser: float | None = None,
-               ref_model=None, ref_cache: dict | None = None, key=None, chunk_size: int = 1024) -> LossOut:
+               ref_model=None, ref_cache: dict | None = None, key=None, chunk_size: int = CHUNK_SIZE) -> LossOut:
     """CE (+ kl.weight x KL to the base) over the batch's trained tokens; `kl=None`: CE only.
 
     The reference is the same model with adapters switched off, or `ref_model` (full fine-tuning).
@@ -194,14 +196,10 @@ def check_head(model, batch: dict, rtol: float = 1e-3) -> tuple[float, float]:
     does something else (an unknown scaling, a bias we miss, a non-standard decoder output) would
     otherwise train on a wrong loss in silence.
     """
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ours = batch_loss(model, batch, normaliser=1.0)
         kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         logits = model(**kw, use_cache=False).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
-    finally:
-        model.train(was)
     targets = batch["labels"][:, 1:]
     theirs = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), targets.flatten(),
                                                ignore_index=IGNORE, reduction="sum")

@@ -12,8 +12,9 @@ from ..data.batching import collate, length_grouped_batches
 from ..data.render import IGNORE
 from ..generate import merged
 from ..losses.sft import chunked_loss
-from .forward import KLTerm, batch_loss, output_layer, reference_states
+from ..utils import eval_mode
 from .base_states import batch_key
+from .forward import KLTerm, batch_loss, output_layer, reference_states
 
 
 @torch.inference_mode()
@@ -39,12 +40,10 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
     examples = examples[:max_examples] if max_examples else examples
     term = KLTerm.metric() if kl else None
     chunk = (loss_cfg or LossCfg()).chunk_size
-    was_training = model.training
-    model.eval()
     ce = kl_sum = base_ce = 0.0
     n = 0
     cache = ref_cache if ref_cache is not None else {}
-    try:
+    with eval_mode(model):
         batches, keys = _batches(examples, pad_id, batch_size, term)
         if kl:  # the base first, adapters off (before any merge)
             for key, batch in zip(keys, batches):
@@ -61,8 +60,6 @@ def heldout_metrics(model, examples: list[dict], pad_id: int, loss_cfg: LossCfg 
                 n += out.n_tokens
         if kl and base_loss:
             base_ce = _base_ce(model, ref_model, batches, keys, cache, chunk)
-    finally:
-        model.train(was_training)
     loss = ce / max(1, n)
     res = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
     if kl:

@@ -16,13 +16,13 @@ The loss of a step is the sum of per-pair losses over the step's pairs (KTO: exa
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
+from ...config import CHUNK_SIZE
 from ...data.preference import prepare_preferences
 from ...data.render import IGNORE
 from ...losses import preference as L
+from ...utils import eval_mode
 from ..forward import base_hidden, hidden_states, output_layer
 from .base import Objective, StepOut
 
@@ -32,17 +32,6 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
-
-
-@contextmanager
-def eval_mode(model):
-    """`with eval_mode(model):` dropout off for the block, the previous mode restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 def to_device(model, batch: dict) -> dict:
@@ -59,7 +48,7 @@ def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pa
             "labels": _pad(labels, IGNORE)}
 
 
-def score(model, batch: dict, ref_model=None, want_ref: bool = True, chunk_size: int = 1024,
+def score(model, batch: dict, ref_model=None, want_ref: bool = True, chunk_size: int = CHUNK_SIZE,
           ref_cache: dict | None = None, key=None) -> dict:
     """Per-row completion log-probs of `batch` (B rows): logps (B,) with grad, ref_logps (B,) and
     kl_sum (B,) (None without the reference), lengths (B,) completion tokens.
