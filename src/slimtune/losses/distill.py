@@ -27,17 +27,8 @@ from torch import Tensor
 
 from ..config import CHUNK_SIZE
 from ..data.render import IGNORE
-from .sft import (
-    DIRECTIONS,
-    LossOut,
-    add_head_grads,
-    head_backward,
-    head_grad_buffers,
-    kl_terms,
-    project,
-    scale_stored_grads,
-    tempered_log_softmax,
-)
+from .sft import (DIRECTIONS, LossOut, head_backward, head_grad_buffers, kl_terms, project, run_chunks,
+                  scale_stored_grads, tempered_log_softmax)
 
 TAILS = ("bucket", "renorm")
 # Teacher log-probs are floored here: a zero-probability category (a tail the stored top k covers
@@ -103,21 +94,10 @@ class _TopKLoss(torch.autograd.Function):
         need_h, need_w, need_b = needs
         w = weight.detach().to(hidden.dtype)
         b = None if bias is None else bias.detach().to(hidden.dtype)
-        v, n = weight.shape[0], hidden.shape[0]
+        v = weight.shape[0]
         grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
-        ce_sum = torch.zeros((), device=hidden.device)
-        kl_sum = torch.zeros((), device=hidden.device)
-        for s in range(0, n, chunk):
-            h = hidden[s:s + chunk].detach()                              # (c, H)
-            ce, kl, g = _chunk(h, w, b, targets[s:s + chunk], ids[s:s + chunk], logps[s:s + chunk],
-                               o, any(needs))
-            ce_sum += ce
-            kl_sum += kl
-            add_head_grads(g, h, w, s, grads)
-            del g
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        ce_sum, kl_sum = run_chunks(ctx, hidden, weight, bias, w, chunk, grads,
+                                    lambda s, e, h: _chunk(h, w, b, targets[s:e], ids[s:e], logps[s:e], o, any(needs)))
         return (o["alpha"] * ce_sum + (1 - o["alpha"]) * kl_sum) / o["norm"], ce_sum, kl_sum
 
     @staticmethod

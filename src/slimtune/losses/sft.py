@@ -147,7 +147,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, kl_mask, opts):
         lam, tau, direction, beta, chunk, transform, norm, (need_h, need_w, need_b) = opts
-        n, v = hidden.shape[0], weight.shape[0]
+        v = weight.shape[0]
         w = weight.detach().to(hidden.dtype)  # a no-op unless dtypes differ
         b = None if bias is None else bias.detach().to(hidden.dtype)
         rw = rb = None
@@ -158,21 +158,14 @@ class _ChunkedLoss(torch.autograd.Function):
         grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
         any_grad = need_h or need_w or need_b
         kl_grad = any_grad and ref_hidden is not None and lam != 0.0
-        ce_sum = torch.zeros((), device=hidden.device)
-        kl_sum = torch.zeros((), device=hidden.device)
-        for s in range(0, n, chunk):
-            h = hidden[s:s + chunk].detach()                              # (c, H)
-            rh = None if ref_hidden is None else ref_hidden[s:s + chunk]
-            m = None if kl_mask is None else kl_mask[s:s + chunk]
-            ce, kl, g = _chunk(h, w, b, targets[s:s + chunk], rh, rw, rb, m, lam, tau, direction,
-                               beta, transform, norm, any_grad, kl_grad)
-            ce_sum += ce
-            kl_sum += kl
-            add_head_grads(g, h, w, s, grads)
-            del g
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(ce_sum, kl_sum)
+
+        def one(s, e, h):
+            rh = None if ref_hidden is None else ref_hidden[s:e]
+            m = None if kl_mask is None else kl_mask[s:e]
+            return _chunk(h, w, b, targets[s:e], rh, rw, rb, m, lam, tau, direction, beta, transform, norm,
+                          any_grad, kl_grad)
+
+        ce_sum, kl_sum = run_chunks(ctx, hidden, weight, bias, w, chunk, grads, one)
         loss = (ce_sum + lam * kl_sum) / norm if lam else ce_sum / norm
         return loss, ce_sum, kl_sum
 
@@ -191,6 +184,26 @@ def scale_stored_grads(ctx, grad_loss: Tensor) -> list:
             g = g.to(dt)
         grads.append(g)
     return grads
+
+
+def run_chunks(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, w: Tensor, chunk: int, grads: tuple,
+               one) -> tuple[Tensor, Tensor]:
+    """The chunk loop of a loss whose forward computes its gradients: `one(s, e, h)` gives rows
+    s..e's (ce sum, divergence sum, d loss / d logits (c, V) or None); their head gradients are added
+    to `grads` and saved on `ctx` for `scale_stored_grads`. Returns (ce sum, divergence sum)."""
+    ce_sum = torch.zeros((), device=hidden.device)
+    kl_sum = torch.zeros((), device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        h = hidden[s:s + chunk].detach()                                  # (c, H)
+        ce, kl, g = one(s, s + len(h), h)
+        ce_sum += ce
+        kl_sum += kl
+        add_head_grads(g, h, w, s, grads)
+        del g
+    ctx.save_for_backward(*grads)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(ce_sum, kl_sum)
+    return ce_sum, kl_sum
 
 
 def head_grad_buffers(hidden: Tensor, v: int, need_h: bool, need_w: bool, need_b: bool):
