@@ -27,8 +27,9 @@ from torch import Tensor
 
 from ..config import CHUNK_SIZE
 from ..data.render import IGNORE
-from .sft import (DIRECTIONS, LossOut, head_backward, head_grad_buffers, kl_terms, project, run_chunks,
-                  scale_stored_grads, tempered_log_softmax)
+from .head import (check_shapes, head_backward, head_grad_buffers, project, run_chunks, scale_stored_grads,
+                   tempered_log_softmax)
+from .sft import DIRECTIONS, LossOut, kl_terms
 
 TAILS = ("bucket", "renorm")
 # Teacher log-probs are floored here: a zero-probability category (a tail the stored top k covers
@@ -162,12 +163,8 @@ def _categories(logq: Tensor, ids: Tensor, tlogp: Tensor, tail: str):
 
 
 def _check(hidden, weight, targets, ids, logps, alpha, temperature, direction, beta, tail, chunk):
+    check_shapes(hidden, weight, targets)
     n, v = hidden.shape[0], weight.shape[0]
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if targets.shape != (n,):
-        raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
     if ids.dim() != 2 or ids.shape[0] != n or not 1 <= ids.shape[1] <= v or logps.shape != ids.shape:
         raise ValueError(f"teacher_ids and teacher_logps must both be (N={n}, K) with 1 <= K <= V={v}, "
                          f"got {tuple(ids.shape)} and {tuple(logps.shape)}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import CHUNK_SIZE
+from .head import check_shapes, head_backward, project
 
 
 @dataclass
@@ -53,12 +54,7 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor
     Logits are transformed as the model does: z = cap * tanh(raw * logit_scale / cap).
     Peak extra memory: a few (chunk_size, V) fp32 buffers.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
-    if ref_hidden is not None and ref_hidden.shape != hidden.shape:
-        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must match hidden {tuple(hidden.shape)}")
+    check_shapes(hidden, weight, targets, ref_hidden)
     if ref_hidden is not None and ref_weight is None:
         ref_weight, ref_bias = weight, bias
     track = torch.is_grad_enabled()
@@ -69,29 +65,12 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor
     return TokenLogps(logps, ref_logps if ref_hidden is not None else None, kl if ref_hidden is not None else None)
 
 
-def _project(h: Tensor, w: Tensor, b: Tensor | None, transform):
-    """(c, H) -> fp32 logits (c, V), times `scale`, soft-capped by `cap` (transform = (scale, cap));
-    also tanh(z / cap) for the chain rule (None without a cap)."""
-    scale, cap = transform
-    z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
-    if scale is not None:
-        z = z * scale
-    if cap is None:
-        return z, None
-    t = (z / cap).tanh_()
-    return t * cap, t
-
-
-def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None, scale: float | None) -> Tensor:
-    """d log softmax(z)[t] / d raw logits, (c, V): onehot(t) - softmax(z), x (1 - tanh^2) if
-    capped, x scale if scaled."""
+def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None, transform: tuple) -> Tensor:
+    """d log softmax(z)[t] / d raw logits, (c, V): onehot(t) - softmax(z), back through the head's
+    transform (`head.head_backward`)."""
     g = z.sub_(lse[:, None]).exp_().neg_()                         # reuses z's buffer
     g.scatter_add_(1, t[:, None], torch.ones_like(t[:, None], dtype=g.dtype))
-    if tanh is not None:
-        g.mul_(1.0 - tanh.square_())
-    if scale is not None:
-        g.mul_(scale)
-    return g
+    return head_backward(g, tanh, transform)
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -108,19 +87,19 @@ class _TokenLogps(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             t = targets[s:e]
-            z, tanh = _project(hidden[s:e].detach(), w, b, tf)     # (c, V)
+            z, tanh = project(hidden[s:e].detach(), w, b, tf, keep_tanh=True)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
             if ref_hidden is not None:
-                rz, _ = _project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
-                                 else ref_bias.detach(), tf)
+                rz = project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
+                             else ref_bias.detach(), tf)
                 rlog = rz.log_softmax(-1)
                 ref_logps[s:e] = rlog.gather(1, t[:, None]).squeeze(1)
                 # KL(ref || pi) = sum_v p_ref (log p_ref - log pi)
                 kl[s:e] = (rlog.exp() * (rlog - z + lse[:, None])).sum(-1)
                 del rz, rlog
             if need_h:
-                g = _dlogp_dz(z, lse, t, tanh, tf[0])
+                g = _dlogp_dz(z, lse, t, tanh, tf)
                 jac[s:e] = (g.to(w.dtype) @ w).to(hidden.dtype)
                 del g
             del z, tanh
@@ -143,8 +122,8 @@ class _TokenLogps(torch.autograd.Function):
             b = None if bias is None else bias.detach()
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].detach()
-                z, tanh = _project(h, w, b, tf)
-                g = _dlogp_dz(z, z.logsumexp(-1), targets[s:s + chunk], tanh, tf[0]).mul_(g_logps[s:s + chunk, None])
+                z, tanh = project(h, w, b, tf, keep_tanh=True)
+                g = _dlogp_dz(z, z.logsumexp(-1), targets[s:s + chunk], tanh, tf).mul_(g_logps[s:s + chunk, None])
                 if need_w:
                     gw.addmm_(g.t(), h.float())                      # (V, H) += (V, c) @ (c, H)
                 if need_b:

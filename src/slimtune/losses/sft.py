@@ -24,6 +24,8 @@ from torch import Tensor
 
 from ..config import CHUNK_SIZE
 from ..data.render import IGNORE  # one definition: the label of untrained positions
+from .head import (check_shapes, head_backward, head_grad_buffers, project, run_chunks, scale_stored_grads,
+                   tempered_log_softmax)
 
 DIRECTIONS = ("forward", "reverse", "jsd")
 
@@ -174,56 +176,6 @@ class _ChunkedLoss(torch.autograd.Function):
         return (*scale_stored_grads(ctx, grad_loss), None, None, None, None, None, None)
 
 
-def scale_stored_grads(ctx, grad_loss: Tensor) -> list:
-    """Backward of a loss whose forward stored its gradients (ctx.saved_tensors, ctx.dtypes): each
-    times the incoming scalar gradient, in its input's dtype."""
-    grads = []
-    for g, dt in zip(ctx.saved_tensors, ctx.dtypes):
-        if g is not None:
-            g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss
-            g = g.to(dt)
-        grads.append(g)
-    return grads
-
-
-def run_chunks(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, w: Tensor, chunk: int, grads: tuple,
-               one) -> tuple[Tensor, Tensor]:
-    """The chunk loop of a loss whose forward computes its gradients: `one(s, e, h)` gives rows
-    s..e's (ce sum, divergence sum, d loss / d logits (c, V) or None); their head gradients are added
-    to `grads` and saved on `ctx` for `scale_stored_grads`. Returns (ce sum, divergence sum)."""
-    ce_sum = torch.zeros((), device=hidden.device)
-    kl_sum = torch.zeros((), device=hidden.device)
-    for s in range(0, hidden.shape[0], chunk):
-        h = hidden[s:s + chunk].detach()                                  # (c, H)
-        ce, kl, g = one(s, s + len(h), h)
-        ce_sum += ce
-        kl_sum += kl
-        add_head_grads(g, h, w, s, grads)
-        del g
-    ctx.save_for_backward(*grads)
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.mark_non_differentiable(ce_sum, kl_sum)
-    return ce_sum, kl_sum
-
-
-def head_grad_buffers(hidden: Tensor, v: int, need_h: bool, need_w: bool, need_b: bool):
-    """(grad_h (N, H) in hidden's dtype, grad_w (V, H) fp32, grad_b (V,) fp32), None where not needed."""
-    return (torch.empty_like(hidden) if need_h else None,
-            torch.zeros(v, hidden.shape[1], device=hidden.device) if need_w else None,
-            torch.zeros(v, device=hidden.device) if need_b else None)
-
-
-def add_head_grads(g: Tensor, h: Tensor, w: Tensor, s: int, grads: tuple) -> None:
-    """Add rows s..s+c's share of d loss / d (hidden, weight, bias), from g = d loss / d logits (c, V)."""
-    grad_h, grad_w, grad_b = grads
-    if grad_h is not None:
-        grad_h[s:s + len(h)] = g.to(w.dtype) @ w                        # (c, H)
-    if grad_w is not None:
-        grad_w.addmm_(g.t(), h.float())                                 # (V, H) += (V, c) @ (c, H)
-    if grad_b is not None:
-        grad_b += g.sum(0)
-
-
 def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm, want_grad, kl_grad):
     """One chunk of c rows: (ce sum, tau^2 * kl sum, d loss / d logits (c, V) fp32 or None).
 
@@ -255,41 +207,6 @@ def _chunk(h, w, b, t, rh, rw, rb, m, lam, tau, direction, beta, transform, norm
         del g_kl
     g.div_(norm)
     return ce, kl, head_backward(g, tanh_z, transform)
-
-
-def head_backward(g: Tensor, tanh_z: Tensor | None, transform: tuple) -> Tensor:
-    """d loss / d (hidden @ weight.T + bias), in place, from g = d loss / d logits (c, V) fp32:
-    back through the soft-cap (`tanh_z` as `project(..., keep_tanh=True)` returned it; overwritten)
-    and the scale of `transform` = (scale or None, cap or None)."""
-    scale, softcap = transform
-    if softcap is not None:  # z = cap * tanh(s / cap): d z / d s = 1 - tanh^2
-        g.mul_(1.0 - tanh_z.square_())
-    if scale is not None:  # s = scale * raw
-        g.mul_(scale)
-    return g
-
-
-def project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):
-    """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), times `scale`, soft-capped by `cap`
-    (transform = (scale or None, cap or None))."""
-    scale, cap = transform
-    z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
-    if scale is not None:
-        z = z * scale
-    tanh_z = None
-    if cap is not None:
-        if keep_tanh:
-            tanh_z = (z / cap).tanh_()
-            z = tanh_z * cap
-        else:
-            z = torch.tanh(z / cap) * cap
-    return (z, tanh_z) if keep_tanh else z
-
-
-def tempered_log_softmax(logits: Tensor, tau: float) -> Tensor:
-    """log softmax(logits / tau) over the last dim, in fp32 at least (fp64 stays fp64)."""
-    x = logits if logits.dtype == torch.float64 else logits.float()
-    return (x / tau).log_softmax(-1) if tau != 1.0 else x.log_softmax(-1)
 
 
 def kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad: bool):
@@ -324,14 +241,8 @@ def kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad:
 
 
 def _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk):
+    check_shapes(hidden, weight, targets, ref_hidden)
     n = hidden.shape[0]
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if targets.shape != (n,):
-        raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
-    if ref_hidden is not None and ref_hidden.shape != hidden.shape:
-        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must match hidden {tuple(hidden.shape)}")
     if kl_mask is not None and (kl_mask.shape != (n,) or kl_mask.dtype != torch.bool):
         raise ValueError(f"kl_mask must be a ({n},) bool tensor")
     if direction not in DIRECTIONS:
