@@ -210,7 +210,7 @@ def teacher_topk(model, rows: list[dict], top_k: int, temperature: float = 1.0, 
     import torch
 
     from .data.batching import collate
-    from .losses.sft import project, tempered_log_softmax
+    from .losses.head import project, tempered_log_softmax
     from .train.forward import hidden_states, output_layer
 
     device = next(model.parameters()).device

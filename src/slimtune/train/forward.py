@@ -152,19 +152,10 @@ def batch_loss(model, batch: dict, kl: KLTerm | None = None, normaliser: float |
         sel = sel | kmask
         # The base runs first, while no autograd graph is held, so its activations never add to
         # the tuned forward's peak.
-        if ref_cache is not None and key in ref_cache:
-            ref_sel = ref_cache[key]
-        else:
-            ref_sel = reference_states(model, batch, kl, ref_model)
-            if ref_cache is not None:
-                ref_cache[key] = ref_sel
-        ref_head = output_layer(ref_model) if ref_model is not None else head
-        kw = dict(ref_hidden=ref_sel, ref_weight=ref_head.weight.detach(),
-                  ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
-                  kl_mask=kmask[sel], kl_lambda=kl.weight, temperature=kl.temperature,
-                  direction=kl.direction, jsd_beta=kl.jsd_beta)
-        # KL holds about twice the (chunk, V) buffers of CE: halve the chunk to keep the same peak.
-        chunk_size = max(1, chunk_size // 2)
+        kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model, ref_cache, key),
+                  **reference_head(model, ref_model), kl_mask=kmask[sel], kl_lambda=kl.weight,
+                  temperature=kl.temperature, direction=kl.direction, jsd_beta=kl.jsd_beta)
+        chunk_size = chunk_with_reference(chunk_size)
     h = hidden_states(model, batch)[:, :-1]  # position t predicts token t+1
     return chunked_loss(h[sel], head.weight, targets[sel], normaliser=normaliser, chunk_size=chunk_size,
                         **head.kwargs(), **kw)
@@ -174,8 +165,32 @@ def reference_states(model, batch: dict, kl: KLTerm, ref_model=None) -> torch.Te
     """(N, H) the base's hidden states at the positions `batch_loss` scores with this KL term
     (trained targets and KL positions, in row-major order): what its `ref_cache` holds per batch."""
     targets = batch["labels"][:, 1:]
-    sel = (targets != IGNORE) | kl_positions(batch, targets, kl)
-    return base_hidden(model, batch, ref_model)[:, :-1][sel]
+    return reference_at(model, batch, (targets != IGNORE) | kl_positions(batch, targets, kl), ref_model)
+
+
+def reference_at(model, batch: dict, sel: torch.Tensor, ref_model=None, ref_cache: dict | None = None,
+                 key=None) -> torch.Tensor:
+    """(N, H) the base's hidden states at the shifted positions `sel` (B, T-1), no grad; with a
+    `ref_cache` dict, computed once per `key` (the base never changes) and read back after. The one
+    reference cache of every objective (SFT's KL, the preference objectives' reference log-probs)."""
+    if ref_cache is not None and key in ref_cache:
+        return ref_cache[key]
+    h = base_hidden(model, batch, ref_model)[:, :-1][sel]
+    if ref_cache is not None:
+        ref_cache[key] = h
+    return h
+
+
+def reference_head(model, ref_model=None) -> dict:
+    """ref_weight / ref_bias for the losses: the reference's output layer, detached."""
+    head = output_layer(ref_model if ref_model is not None else model)
+    return {"ref_weight": head.weight.detach(), "ref_bias": None if head.bias is None else head.bias.detach()}
+
+
+def chunk_with_reference(chunk_size: int) -> int:
+    """The chunk of rows when the base's logits are built too: they double the (chunk, V) fp32
+    buffers, so half the rows keep the same peak."""
+    return max(1, chunk_size // 2)
 
 
 @torch.no_grad()

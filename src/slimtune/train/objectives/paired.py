@@ -23,7 +23,7 @@ from ...data.preference import prepare_preferences
 from ...data.render import IGNORE
 from ...losses import preference as L
 from ...utils import eval_mode
-from ..forward import base_hidden, hidden_states, output_layer
+from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
 from .base import Objective, StepOut
 
 
@@ -62,18 +62,10 @@ def score(model, batch: dict, ref_model=None, want_ref: bool = True, chunk_size:
     n_rows = targets.shape[0]
     kw = {}
     if want_ref:  # the base first, while no autograd graph is held
-        ref_head = output_layer(ref_model if ref_model is not None else model)
-        if ref_cache is not None and key in ref_cache:
-            ref_h = ref_cache[key]
-        else:
-            ref_h = base_hidden(model, batch, ref_model)[:, :-1][sel]
-            if ref_cache is not None:
-                ref_cache[key] = ref_h
-        kw = dict(ref_hidden=ref_h, ref_weight=ref_head.weight.detach(),
-                  ref_bias=None if ref_head.bias is None else ref_head.bias.detach())
+        kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model, ref_cache, key), **reference_head(model, ref_model))
     h = hidden_states(model, batch)[:, :-1][sel]            # (N, H)
     head = output_layer(model)
-    chunk = max(1, chunk_size // 2) if want_ref else chunk_size  # the base's logits double the buffers
+    chunk = chunk_with_reference(chunk_size) if want_ref else chunk_size
     tl = L.token_logps(h, head.weight, targets[sel], bias=head.bias, chunk_size=chunk, logit_softcap=head.softcap,
                        logit_scale=head.scale, **kw)
     out = {"logps": L.sequence_sums(tl.logps, seq, n_rows), "lengths": sel.sum(1).float(),
