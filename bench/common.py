@@ -91,7 +91,8 @@ def make_data(workdir: Path, n_train: int, n_eval: int = 16, seed: int = SEED) -
     truncated to 512). Writes train.jsonl (chats, for slimtune to render itself), train.json and
     eval.json (rendered {input_ids, labels}, for TRL and for the held-out loss).
     """
-    from slimtune.data.formats import load_chats, load_chitchat
+    from slimtune.data.formats import load_chitchat
+    from slimtune.data.reader import load_chats
     from slimtune.data.tools import render_all, write_chats
     from slimtune.models import load_tokenizer
 

@@ -30,7 +30,7 @@ BETA = 0.1
 def make_pairs(workdir: Path) -> dict:
     """The shipped pairs rendered with SmolLM2's template: pairs.json (token ids) for TRL,
     pairs.jsonl (the text rows) for slimtune, which renders them itself to the same ids."""
-    from slimtune.data.formats import read_rows
+    from slimtune.data.reader import read_rows
     from slimtune.data.preference import load_preferences
     from slimtune.models import load_tokenizer
 

@@ -211,7 +211,7 @@ def trl_mask_check(data: dict) -> str:
     with a hand-marked template ({% generation %} around content + <|im_end|>) equal ours?"""
     from trl.chat_template_utils import get_training_chat_template
 
-    from slimtune.data.formats import load_chats
+    from slimtune.data.reader import load_chats
     from slimtune.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")

@@ -116,7 +116,7 @@ def test_the_script_writes_exactly_the_shipped_file(tmp_path):
 
 
 def test_the_data_layer_reads_it_as_builtin_grpo_prompts(rows):
-    from slimtune.data.formats import read_rows
+    from slimtune.data.reader import read_rows
 
     read = read_rows("builtin:grpo_prompts")
     assert [r for _, r in read] == rows and read[0][0] == 1  # (line, row): errors can name file:line

@@ -24,8 +24,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
-from .methods import METHODS, method_of
-from .specs import CONFIG_NAMES, spec_for
+from .specs import CONFIG_NAMES, METHOD_SPECS, spec_for
 from .utils import atomic_write_text
 
 TARGETS = ("attn", "attn_mlp", "all_linear")
@@ -145,7 +144,7 @@ class MethodCfg:
     """prompt_tuning: initialise the soft prompt from this text (else random)."""
 
     def __post_init__(self):
-        _choice("method.name", self.name, tuple(METHODS))
+        _choice("method.name", self.name, tuple(METHOD_SPECS))
         if isinstance(self.targets, str):
             if self.targets not in TARGETS:
                 raise ConfigError(f"method.targets={self.targets!r} is not valid; choose one of: "
@@ -351,7 +350,7 @@ class Config:
 
     def __post_init__(self):
         """Checks across sections (each section checks itself)."""
-        method = method_of(self.method.name)
+        method = METHOD_SPECS[self.method.name]
         if self.data.packing and method.adds_positions:
             raise ConfigError(f"data.packing does not work with {self.method.name} (it adds positions); "
                               "set data.packing=false")

@@ -23,7 +23,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
+import peft
+from torch import nn
+
 from .errors import ConfigError
+from .specs import METHOD_SPECS, MethodSpec
 
 ATTN_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -52,8 +56,6 @@ def parse_layers(spec) -> list[int] | None:
 
 def linear_names(model) -> dict[str, set[str]]:
     """Leaf names of the Linear layers inside the decoder blocks, grouped as attn / mlp / other."""
-    from torch import nn
-
     groups = {"attn": set(), "mlp": set(), "other": set()}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or ".layers." not in f".{name}" and ".h." not in f".{name}":
@@ -92,16 +94,12 @@ def _layers(model, cfg) -> list[int] | None:
 
 
 def _lora(model, cfg, _tok=None, **flags):
-    import peft
-
     return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            target_modules=target_modules(model, cfg.targets), layers_to_transform=_layers(model, cfg),
                            bias="none", **flags)
 
 
 def _ia3(model, cfg, _tok=None):
-    import peft
-
     groups, layers = linear_names(model), _layers(model, cfg)
     if cfg.targets in ("attn", "attn_mlp"):
         # IA3 rescales keys, values and the input of the MLP's down projection (paper section 3).
@@ -116,8 +114,6 @@ def _ia3(model, cfg, _tok=None):
 
 
 def _prompt(model, cfg, tokenizer_path=None):
-    import peft
-
     kw = {}
     if cfg.prompt_init_text:
         kw = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
@@ -126,38 +122,35 @@ def _prompt(model, cfg, tokenizer_path=None):
 
 
 def _prefix(model, cfg, _tok=None):
-    import peft
-
     return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the method table."""
+    """One row of the method table: its flags (specs.METHOD_SPECS, torch-free, what config checks)
+    and how to build its PEFT config."""
 
-    name: str
+    spec: MethodSpec
     build: Callable | None
     """(model, MethodCfg, tokenizer path) -> a PEFT config; None: no PEFT (every parameter trains)."""
-    can_merge: bool = True
-    """Folds into the base weights (`slimtune merge`, GGUF export)."""
-    adds_positions: bool = False
-    """Prepends virtual tokens (prompt / prefix tuning): no packing, no merge."""
-    four_bit: bool = False
-    """Trains on a 4-bit (NF4) base."""
-    reference_copy: bool = False
-    """The base cannot be had by switching adapters off: a frozen copy is the reference (KL, DPO)."""
+
+    def __getattr__(self, flag):  # name, can_merge, adds_positions, four_bit, reference_copy
+        if flag.startswith("_") or flag in ("spec", "build"):
+            raise AttributeError(flag)
+        return getattr(self.spec, flag)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("lora", _lora),
-    Method("rslora", lambda m, c, t=None: _lora(m, c, t, use_rslora=True)),
-    Method("dora", lambda m, c, t=None: _lora(m, c, t, use_dora=True)),
-    Method("qlora", _lora, four_bit=True),
-    Method("ia3", _ia3),
-    Method("prompt_tuning", _prompt, can_merge=False, adds_positions=True),
-    Method("prefix_tuning", _prefix, can_merge=False, adds_positions=True),
-    Method("full", None, reference_copy=True),
-)}
+BUILDERS: dict[str, Callable | None] = {
+    "lora": _lora,
+    "rslora": lambda m, c, t=None: _lora(m, c, t, use_rslora=True),
+    "dora": lambda m, c, t=None: _lora(m, c, t, use_dora=True),
+    "qlora": _lora,
+    "ia3": _ia3,
+    "prompt_tuning": _prompt,
+    "prefix_tuning": _prefix,
+    "full": None,
+}
+METHODS: dict[str, Method] = {name: Method(spec, BUILDERS[name]) for name, spec in METHOD_SPECS.items()}
 
 
 def method_of(name: str) -> Method:
@@ -202,8 +195,6 @@ def apply_method(model, cfg, tokenizer_path: str | None = None, gradient_checkpo
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    import peft
-
     if method.four_bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing and not method.adds_positions:

@@ -31,6 +31,8 @@ import torch
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.utils import atomic_dir, cache_dir  # noqa: F401  (cache_dir: models live in <cache>/models)
 
+from .machine import four_bit_support
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -220,7 +222,6 @@ def _nf4_config(device: str):
     """BitsAndBytesConfig for QLoRA on `device`; SlimtuneError if bitsandbytes cannot run there."""
     from transformers import BitsAndBytesConfig
 
-    from .machine import four_bit_support
 
     compute = four_bit_support(device)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

@@ -15,6 +15,9 @@ import torch
 
 from .config import Config, ModelCfg, load_config
 from .errors import SlimtuneError
+from .machine import four_bit_support
+from .methods import adapters_disabled, method_of
+from .models import load_model, load_tokenizer
 from .readback import check_safetensors
 
 
@@ -65,9 +68,7 @@ def read_config(path: str | Path) -> Config:
 
 def load_base(cfg: Config, dtype: str = "float32", device: str | None = None):
     """The run's base model (the reference for base metrics and samples), in eval mode."""
-    from .models import load_model
 
-    from .methods import method_of
 
     four_bit = method_of(cfg.method.name).four_bit and _quantises(device)
     return load_model(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
@@ -77,7 +78,6 @@ def load_base(cfg: Config, dtype: str = "float32", device: str | None = None):
 
 def _quantises(device: str | None) -> bool:
     """Can bitsandbytes hold a 4-bit base on `device` here? (Else a QLoRA base loads unquantised.)"""
-    from .machine import four_bit_support
 
     try:
         four_bit_support(device or "cpu")
@@ -95,7 +95,6 @@ def load_run(path: str | Path, dtype: str = "float32", device: str | None = None
     A QLoRA run loads its base in 4 bits (NF4) wherever bitsandbytes runs (CPU, CUDA), as it was
     trained, and unquantised in `dtype` elsewhere (e.g. MPS).
     """
-    from .models import load_model, load_tokenizer
 
     path = str(path)
     kind = run_kind(path)
@@ -144,7 +143,6 @@ def base_reference(model, cfg: Config, dtype: str = "float32"):
 @contextmanager
 def as_base(model, ref=None):
     """`with as_base(model, ref) as base:` the base model: `ref` if given, else adapters off."""
-    from .methods import adapters_disabled
 
     if ref is not None:
         yield ref

@@ -54,6 +54,30 @@ CONFIG_NAMES = tuple(n for n in SPECS if n != "kl_sft")
 """What loss.objective accepts: kl_sft is sft with loss.kl_lambda > 0."""
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """One PEFT method as the rest of slimtune sees it (methods.py builds its PEFT config)."""
+
+    name: str
+    can_merge: bool = True
+    """Folds into the base weights (`slimtune merge`, GGUF export, merged generation)."""
+    adds_positions: bool = False
+    """Prepends virtual tokens (prompt / prefix tuning): no packing, no merge."""
+    four_bit: bool = False
+    """Trains on a 4-bit (NF4) base."""
+    reference_copy: bool = False
+    """The base cannot be had by switching adapters off: a frozen copy is the reference (KL, DPO)."""
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("lora"), MethodSpec("rslora"), MethodSpec("dora"), MethodSpec("qlora", four_bit=True),
+    MethodSpec("ia3"),
+    MethodSpec("prompt_tuning", can_merge=False, adds_positions=True),
+    MethodSpec("prefix_tuning", can_merge=False, adds_positions=True),
+    MethodSpec("full", reference_copy=True),
+)}
+
+
 def spec_for(objective: str, kl_lambda: float = 0.0) -> ObjectiveSpec:
     """The spec of `loss.objective` (sft with a KL weight is kl_sft)."""
     return SPECS["kl_sft" if objective == "sft" and kl_lambda > 0 else objective]

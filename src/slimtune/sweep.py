@@ -36,6 +36,8 @@ import yaml
 
 from .config import build_config, load_config
 from .errors import ConfigError
+from .evaluate.suite import evaluate_run
+from .train.loop import train
 from .utils import atomic_write_text
 
 COLUMNS = ["run", "eval_loss_before", "eval_loss", "eval_ppl", "eval_kl", "general_kl", "trainable",
@@ -94,7 +96,6 @@ def sweep_runs(grid: dict) -> tuple[list[dict], list[str]]:
 
 
 def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | None = None) -> list[dict]:
-    from .train.loop import train
 
     base, grid, out = load_sweep(path)
     if evaluate is None:
@@ -112,7 +113,6 @@ def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | N
             cfg = build_config(base, list(extra) + _override_strings(combo) + [f"train.output_dir={run_dir}"])
             train(cfg, log=log)
         if evaluate and not (run_dir / "eval.json").exists():
-            from .evaluate.suite import evaluate_run
             evaluate_run(str(run_dir), log=log, with_heldout=False)
         rows.append(result_row(run_dir, name, combo))
     write_results(rows, out, keys)

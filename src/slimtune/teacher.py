@@ -24,8 +24,12 @@ from array import array
 from pathlib import Path
 
 from .config import CHUNK_SIZE
+from .data.batching import collate
 from .data.render import IGNORE
+from .data.sources import file_hash
 from .errors import ConfigError, DataError
+from .losses.head import project, tempered_log_softmax
+from .train.forward import hidden_states, output_layer
 from .utils import atomic_write_bytes, atomic_write_json, eval_mode
 
 FORMAT = 1
@@ -80,7 +84,6 @@ def hash_teacher(source: str | Path, **settings) -> str:
     single file (.gguf), else (a hub id) the name itself, plus `settings` that change the
     log-probs (dtype, quantisation). A hub id is hashed by name: pin a revision or download it to
     a folder for a key that follows its content."""
-    from .data.sources import file_hash  # content hash, remembered per path, size and mtime
 
     p = Path(source)
     if p.is_file():
@@ -209,9 +212,6 @@ def teacher_topk(model, rows: list[dict], top_k: int, temperature: float = 1.0, 
     """
     import torch
 
-    from .data.batching import collate
-    from .losses.head import project, tempered_log_softmax
-    from .train.forward import hidden_states, output_layer
 
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(rows, pad_id=0).items()}  # padding is never selected

@@ -8,7 +8,8 @@ import pytest
 
 from slimtune.cli import main
 from slimtune.data.builders import markdown_answer, markdown_slice, neg_guard
-from slimtune.data.formats import builtin_path, load_chats
+from slimtune.data.formats import builtin_path
+from slimtune.data.reader import load_chats
 from slimtune.evaluate.style import has_heading, has_list, stray_tags
 
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from slimtune.data.formats import chitchat_to_messages, load_chats
+from slimtune.data.formats import chitchat_to_messages
+from slimtune.data.reader import load_chats
 from slimtune.errors import DataError
 
 

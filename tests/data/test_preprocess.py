@@ -63,7 +63,7 @@ def test_two_processes_render_what_one_does_and_the_cache_is_reused(tmp_path, to
 
 
 def test_prepare_matches_the_in_memory_path(tmp_path, tokenizer):
-    from slimtune.data.formats import load_chats
+    from slimtune.data.reader import load_chats
     from slimtune.data.tools import split
     p = jsonl(tmp_path / "c.jsonl", chat_rows(30))
     cfg = DataCfg(train=p, max_length=24, val_fraction=0.2, general_prompts=None)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from slimtune.config import build_config
-from slimtune.data.formats import load_chats
+from slimtune.data.reader import load_chats
 from slimtune.data.reader import parse_columns
 from slimtune.errors import ConfigError, DataError
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from slimtune.cli import main
-from slimtune.data.formats import load_chats
+from slimtune.data.reader import load_chats
 from slimtune.data.sources import open_source
 from slimtune.errors import DataError
 

@@ -6,7 +6,8 @@ import pytest
 from tiny import make_tokenizer
 
 from slimtune.cli import main
-from slimtune.data.formats import Chat, load_chats
+from slimtune.data.formats import Chat
+from slimtune.data.reader import load_chats
 from slimtune.data.template_check import detect
 from slimtune.data.tools import write_chats
 

@@ -7,7 +7,8 @@ import pytest
 from tiny import make_tokenizer
 
 from slimtune import render_chat
-from slimtune.data.formats import Chat, load_chats
+from slimtune.data.formats import Chat
+from slimtune.data.reader import load_chats
 from slimtune.data.render import IGNORE
 from slimtune.errors import DataError
 

@@ -6,7 +6,7 @@ import pytest
 
 from slimtune.cli import main
 from slimtune.data.batching import collate, length_grouped_batches, pack
-from slimtune.data.formats import load_chats
+from slimtune.data.reader import load_chats
 from slimtune.data.tools import dedupe, highlight, mix, render_all, split
 from slimtune.errors import DataError
 

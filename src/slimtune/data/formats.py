@@ -88,13 +88,6 @@ def resolve_path(spec: str) -> Path:
     return path
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every row of a source (see sources.py): JSONL line numbers, else row
-    numbers. Small files only: large ones are read row by row through `sources.open_source`."""
-    from .sources import open_source
-    return list(open_source(str(path)).rows())
-
-
 def detect_format(row: dict, path: str = "?", line: int = 1) -> str:
     found = [name for name, keys in SIGNATURES.items() if keys <= row.keys()]
     if len(found) != 1:
@@ -220,21 +213,6 @@ def _validate(msgs: Messages, path, line, field_of) -> None:
     if turns[-1]["role"] != "assistant":
         raise DataError("the chat must end with an assistant turn (drop the trailing user turn)",
                         path=path, line=line, field=field_of(len(msgs) - 1))
-
-
-def load_chats(path: str | Path, fmt: str = "auto", system_prompt: str | None = None,
-               columns: dict | str | None = None, split: str | None = None,
-               subset: str | None = None) -> list[Messages]:
-    """Read a source of one chat format into a list of chats; mixed formats in one file are an error.
-
-    columns: {our field: the file's column}; split/subset: which part of a folder or hf: dataset.
-    """
-    from .reader import Reader
-    from .sources import open_source
-
-    source = open_source(str(path), split, subset)
-    reader = Reader(source, fmt, columns, system_prompt)
-    return [reader.chat(line, row) for line, row in source.rows()]
 
 
 def chitchat_to_messages(conversation: dict, system_prompt: str | None = None) -> Messages | None:

@@ -28,8 +28,11 @@ import random
 from dataclasses import dataclass, field
 
 from ..errors import DataError
-from .formats import Messages, ROLES, read_rows
+from .formats import ROLES, Messages
+from .prepare import Prepared
+from .reader import load_chats, read_rows
 from .render import IGNORE, render_chat
+from .tools import render_all
 
 PAIRED_KEYS = ("chosen", "rejected")
 UNPAIRED_KEYS = ("completion", "label")
@@ -220,9 +223,6 @@ def split_rows(rows: list[dict], val_fraction: float, seed: int = 0) -> tuple[li
 def prepare_preferences(cfg, tokenizer, kind: str = "paired", seed: int = 0):
     """DataCfg -> Prepared(train, val, general, stats) of preference rows; general prompts stay
     SFT examples (KL to base on unrelated chats)."""
-    from .formats import load_chats
-    from .prepare import Prepared
-    from .tools import render_all
 
     if not cfg.train:
         raise DataError("no training data: set data.train (a preference JSONL file, or builtin:preferences)")

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 from ..config import DataCfg
 from ..errors import DataError
-from .formats import Messages, load_chats
+from .formats import Messages
 from .preprocess import Rendered, render_source
-from .sources import Source, open_source
+from .reader import Reader, load_chats
+from .source import Source
+from .sources import open_source
 from .tools import RenderStats, mix, render_all, split
 
 
@@ -44,7 +46,6 @@ def read_chats(spec: str, fmt: str = "auto", system_prompt: str | None = None, s
 def read_records(spec: str, cfg: DataCfg, seed: int = 0) -> list[dict]:
     """Every row of a source in its canonical form: {"messages"} for chat formats,
     {"prompt", "completion"} (as message lists) for prompt_completion, {"text"} for raw text."""
-    from .reader import Reader
     if _is_mix(spec):
         return [{"messages": c} for c in read_chats(spec, cfg.format, cfg.system_prompt, seed)]
     source = open_source(spec.strip(), cfg.split, cfg.subset)

@@ -22,7 +22,8 @@ from pathlib import Path
 from ..errors import DataError
 from .reader import Reader
 from .render import IGNORE, render_chat
-from .sources import Source, data_cache, decode_batch
+from .source import Source, decode_batch
+from .sources import data_cache
 
 VERSION = "1"  # bump when the rendered columns change meaning
 

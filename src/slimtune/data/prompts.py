@@ -4,7 +4,8 @@ ending with a user turn."""
 from __future__ import annotations
 
 from ..errors import DataError
-from .formats import read_rows, resolve_path, with_system
+from .formats import resolve_path, with_system
+from .reader import read_rows
 
 Messages = list[dict[str, str]]
 

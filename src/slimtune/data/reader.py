@@ -14,11 +14,14 @@ row and the file's own column.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ..config import parse_columns
 from ..errors import DataError
 from .formats import ROLES, SIGNATURES, Messages, detect_format, row_to_messages
-from .sources import Source
+from .source import Source
+from .sources import open_source
+
 
 class Reader:
     """Resolves a source's format and column mapping once, then converts rows one at a time."""
@@ -135,3 +138,22 @@ def prompt_completion(row: dict, path: str, line: int, system_prompt: str | None
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     return msgs
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of a source (see sources.py): JSONL line numbers, else row
+    numbers. Small files only: large ones are read row by row through `sources.open_source`."""
+    return list(open_source(str(path)).rows())
+
+
+def load_chats(path: str | Path, fmt: str = "auto", system_prompt: str | None = None,
+               columns: dict | str | None = None, split: str | None = None,
+               subset: str | None = None) -> list[Messages]:
+    """Read a source of one chat format into a list of chats; mixed formats in one file are an error.
+
+    columns: {our field: the file's column}; split/subset: which part of a folder or hf: dataset.
+    """
+
+    source = open_source(str(path), split, subset)
+    reader = Reader(source, fmt, columns, system_prompt)
+    return [reader.chat(line, row) for line, row in source.rows()]

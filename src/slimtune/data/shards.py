@@ -20,6 +20,7 @@ from bisect import bisect_right
 from pathlib import Path
 
 from ..errors import DataError, register_locator
+from .source import Source
 
 DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv", ".tsv", ".arrow", ".feather")
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
@@ -113,7 +114,6 @@ def open_files(name: str, files: list[Path], open_one) -> object:
     """Concatenate single-file sources (same kind, same columns) into one Source named `name`."""
     from datasets import concatenate_datasets
 
-    from .sources import Source
 
     kinds = {data_kind(f) for f in files}
     if len(kinds) > 1:

@@ -23,13 +23,15 @@ import io
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
 from ..utils import atomic_file, cache_dir
+from .formats import resolve_path
+from .shards import folder_files, glob_files, is_glob, open_files
+from .source import Source
 
 BOM = b"\xef\xbb\xbf"
 SUFFIXES = (".jsonl, .json, .parquet, .csv, .arrow (JSON also as .gz or .zst), a folder of them or a pattern "
@@ -44,60 +46,6 @@ def data_cache() -> Path:
     return Path(os.environ.get("SLIMTUNE_DATA_CACHE") or cache_dir() / "data").expanduser()
 
 
-@dataclass
-class Source:
-    """One opened source. `ds` is memory-mapped; rows come out as (row number, dict)."""
-
-    name: str          # what messages print: the path, or hf:org/name
-    kind: str          # jsonl, json, parquet, csv, arrow, disk, hf
-    ds: object         # datasets.Dataset
-    fingerprint: str   # changes when the content changes (a content hash for files)
-
-    @property
-    def is_json(self) -> bool:
-        return self.kind in ("jsonl", "json")
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def columns(self) -> list[str]:
-        """Column names; for JSON text, the keys of the first row."""
-        if self.is_json:
-            return list(self.row(0)[1]) if len(self) else []
-        return list(self.ds.column_names)
-
-    def row(self, i: int) -> tuple[int, dict]:
-        return next(self.rows(i, i + 1))
-
-    def rows(self, start: int = 0, stop: int | None = None, batch: int = 1000) -> Iterator[tuple[int, dict]]:
-        """(row number, row) for rows start..stop; JSON rows are parsed here, one at a time."""
-        stop = len(self) if stop is None else min(stop, len(self))
-        for s in range(start, stop, batch):
-            cols = self.ds[s:min(s + batch, stop)]
-            yield from decode_batch(cols, s, self.is_json)
-
-
-def decode_batch(cols: dict, offset: int, is_json: bool) -> Iterator[tuple[int, dict]]:
-    """A columnar batch (as `Dataset.__getitem__(slice)` or `map(batched=True)` give it) -> rows."""
-    if is_json:
-        yield from zip(cols["_line"], map(json.loads, cols["_json"]))
-        return
-    names = list(cols)
-    n = len(cols[names[0]]) if names else 0
-    for i in range(n):
-        yield offset + i + 1, {k: _drop_nulls(cols[k][i]) for k in names}
-
-
-def _drop_nulls(value):
-    """Arrow gives every struct all the fields of any row, null where a row had none: drop those
-    inside lists and dicts, so a message reads as it was written."""
-    if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
-    return value
-
-
 def open_source(spec: str, split: str | None = None, subset: str | None = None) -> Source:
     """Open `spec` (see module doc). Raises DataError, one line, for anything it cannot read."""
     from datasets.utils.logging import disable_progress_bar, set_verbosity
@@ -107,8 +55,6 @@ def open_source(spec: str, split: str | None = None, subset: str | None = None) 
     spec = str(spec)
     if spec.startswith("hf:"):
         return _open_hub(spec[3:], split or "train", subset)
-    from .formats import resolve_path
-    from .shards import folder_files, glob_files, is_glob, open_files
     if is_glob(spec) and not spec.startswith("builtin:") and not Path(spec).expanduser().exists():  # data[1].jsonl
         return open_files(spec, glob_files(spec), open_source)
     path = resolve_path(spec)

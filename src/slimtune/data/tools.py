@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..utils import atomic_write_text
-from .formats import Messages, load_chats
+from .formats import Messages, load_chitchat
+from .reader import load_chats
 from .render import IGNORE, render_chat
 
 
@@ -99,7 +100,6 @@ def _weight(spec: str, text: str) -> float:
 
 def _load(path: str, fmt: str, system_prompt, columns, split, subset) -> list[Messages]:
     if path.startswith("chitchat"):
-        from .formats import load_chitchat
         n = path.partition(":")[2]
         if n and not n.isdigit():
             raise DataError(f"'{path}': chitchat:N takes a whole number of conversations")

@@ -18,9 +18,12 @@ import hashlib
 import json
 from contextlib import contextmanager
 
-from ..generate import GenSettings, can_mix, generate_many, merged
-from ..models import model_files
+from ..data.render import render_prompt
+from ..generate import GenSettings, can_mix, generate_many, merged, stop_ids
+from ..models import cache_dir, model_files
 from ..readback import read_json
+from ..runfolder import as_base, base_reference, load_run, run_kind
+from ..utils import atomic_write_json
 
 CACHE_VERSION = 1  # bump when generation changes what an answer is
 
@@ -34,7 +37,6 @@ class BaseVsTuned:
     """
 
     def __init__(self, run: str, dtype: str = "float32"):
-        from ..runfolder import load_run, run_kind
 
         self.run, self.dtype = str(run), dtype
         self.is_run = run_kind(run) is not None
@@ -44,7 +46,6 @@ class BaseVsTuned:
     @property
     def ref(self):
         if not self._ref_loaded:
-            from ..runfolder import base_reference
 
             self._ref, self._ref_loaded = base_reference(self.model, self.cfg, self.dtype), True
         return self._ref
@@ -52,7 +53,6 @@ class BaseVsTuned:
     @contextmanager
     def base(self):
         """`with pair.base() as base:` the base model (see runfolder.as_base)."""
-        from ..runfolder import as_base
 
         with as_base(self.model, self.ref) as base:
             yield base
@@ -125,8 +125,6 @@ class AnswerCache:
     """Base answers on disk: one JSON file per (base model, dtype, settings), one entry per prompt."""
 
     def __init__(self, model_name: str, dtype: str, settings: GenSettings, tokenizer, model):
-        from ..generate import stop_ids
-        from ..models import cache_dir
 
         self.tok, self.settings = tokenizer, settings
         ident = {"v": CACHE_VERSION, "model": model_name, "files": model_files(model_name), "dtype": dtype,
@@ -136,7 +134,6 @@ class AnswerCache:
         self.ident = ident
 
     def _prompt_key(self, chat, position: int) -> str:
-        from ..data.render import render_prompt
 
         seed = self.settings.seed + position if self.settings.sample else None
         return hashlib.sha256(json.dumps([render_prompt(chat, self.tok), seed]).encode()).hexdigest()[:24]
@@ -153,7 +150,6 @@ class AnswerCache:
                 for i, c in enumerate(chats)]
 
     def put(self, chats, positions, answers) -> None:
-        from ..utils import atomic_write_json
 
         stored = self._load()
         stored.update({self._prompt_key(c, i): a for c, i, a in zip(chats, positions, answers)})

@@ -16,7 +16,11 @@ import textwrap
 from itertools import zip_longest
 from pathlib import Path
 
+from ..data.prompts import last_user, load_prompts
+from ..generate import settings_for, settings_from
 from ..utils import atomic_write_json, atomic_write_text
+from .base_vs_tuned import BaseVsTuned
+from .suite import PROMPTS
 
 MODES = ("greedy", "sampled")
 
@@ -32,10 +36,6 @@ def compare_runs(runs: list[str], prompts: str | None = None, max_prompts: int |
     (default RUN/compare.md of the first run) and the same stem with .json. knobs: top_p, top_k,
     repetition_penalty, no_repeat_ngram_size (None: the first run's eval settings).
     """
-    from ..generate import settings_for, settings_from
-    from ..data.prompts import last_user, load_prompts
-    from .base_vs_tuned import BaseVsTuned
-    from .suite import PROMPTS
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     prompts = prompts or PROMPTS

@@ -15,6 +15,7 @@ import json
 import re
 from collections import defaultdict
 
+from ..data.reader import read_rows
 from ..errors import DataError
 
 WORD = re.compile(r"[A-Za-z0-9][\w'\-]*")
@@ -173,7 +174,6 @@ def load_ifeval(spec: str = "builtin:ifeval_prompts", limit: int | None = None) 
     checked here (a DataError names file:line:field), so a bad row fails before any model runs."""
     import inspect
 
-    from ..data.formats import read_rows
 
     rows = []
     for line, row in read_rows(spec):

@@ -16,7 +16,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..data.prompts import last_user, load_prompts
+from ..errors import SlimtuneError
+from ..generate import settings_for
 from ..readback import read_json
+from ..utils import atomic_write_text
+from .base_vs_tuned import BaseVsTuned
+from .suite import PROMPTS, table_rows
 
 PLOTS = {  # file stem: (title, y label, [(log field, legend, marker)])
     "loss": ("Loss", "cross-entropy per trained token",
@@ -94,10 +100,6 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
         return read_json(eval_json, "run `slimtune eval` again to rewrite it").get("samples", []), "eval.json (greedy)"
     if n <= 0:
         return [], "none"
-    from ..generate import settings_for
-    from ..data.prompts import last_user, load_prompts
-    from .base_vs_tuned import BaseVsTuned
-    from .suite import PROMPTS
 
     log(f"generating {n} base-vs-tuned samples (run slimtune compare for more) ...")
     pair = BaseVsTuned(str(run))
@@ -112,7 +114,6 @@ def gather_samples(run: Path, n: int, max_new_tokens: int | None, log) -> tuple[
 def make_report(run: str, out: str | None = None, samples: int = 3, max_new_tokens: int | None = None,
                 log=None) -> Path:
     """Write RUN/plots/*.png and the HTML report (default RUN/report.html); returns its path."""
-    from ..errors import SlimtuneError
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     run_p = Path(run)
@@ -127,7 +128,6 @@ def make_report(run: str, out: str | None = None, samples: int = 3, max_new_toke
     page = render_html(run_p, (run_p / "config.yaml").read_text(), summary, ev, times, data_stats, plots,
                        sample_rows, sample_src)
     path = Path(out) if out else run_p / "report.html"
-    from ..utils import atomic_write_text
 
     atomic_write_text(path, page)
     log(f"wrote {path} and {len(plots)} plots in {run_p / 'plots'}")
@@ -199,7 +199,6 @@ def _cards(summary: dict | None, times: dict | None) -> str:
 def _eval_table(ev: dict | None) -> str:
     if not ev:
         return "<p class='muted'>No eval.json yet: run <code>slimtune eval RUN</code> for base-vs-tuned metrics.</p>"
-    from .suite import table_rows
 
     g = ev["generation"]
     rows = "".join(f"<tr><td>{_e(label)}</td><td class='n'>{_e(b)}</td><td class='n'>{_e(t)}</td></tr>"

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..readback import read_json
 from ..data.formats import with_system
 from ..errors import SlimtuneError
+from ..readback import read_json
 from ..utils import atomic_write_json, atomic_write_text
 from .repetition import repetition_metrics, sample_repetition
 from .style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
@@ -30,8 +30,8 @@ PROMPTS = "builtin:eval_prompts"
 
 def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict], list[dict], str]:
     """(held-out examples, general-prompt examples, where the held-out set came from)."""
-    from ..data.formats import load_chats
     from ..data.prepare import prepare
+    from ..data.reader import load_chats
     from ..data.tools import render_all
 
     kw = dict(train_on=cfg.data.train_on, max_length=cfg.data.max_length, train_reasoning=cfg.data.train_reasoning)
@@ -114,8 +114,8 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
     weights (its final evaluation) on the same held-out rows; take those numbers when the weights
     file is the one it measured, with the same settings (as `training_heldout` for SFT)."""
     model, tok, cfg, ref = pair.model, pair.tok, pair.cfg, pair.ref
-    from ..data.formats import load_chats
     from ..data.preference import load_preferences
+    from ..data.reader import load_chats
     from ..data.tools import render_all
     from ..methods import method_of
     from ..runfolder import as_base
@@ -183,14 +183,14 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
     eval settings). Progress goes to `log` (default: stderr); `format_table(result)` is the table.
     """
-    from ..generate import settings_for
     from ..data.prompts import last_user, load_prompts
-    from ..runfolder import run_kind
+    from ..generate import settings_for
     from ..methods import method_of
-    from .base_vs_tuned import BaseVsTuned
-    from ..train.heldout import heldout_metrics
-    from .ifeval import ifeval_metrics, load_ifeval
+    from ..runfolder import run_kind
     from ..train.base_states import base_states
+    from ..train.heldout import heldout_metrics
+    from .base_vs_tuned import BaseVsTuned
+    from .ifeval import ifeval_metrics, load_ifeval
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()

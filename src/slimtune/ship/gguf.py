@@ -31,6 +31,8 @@ import torch
 from ..errors import SlimtuneError
 from ..utils import atomic_file
 from .gguf_vocab import add_vocab, vocab_metadata
+from .merge import all_logits, max_abs_diff, merge_in_memory
+from .modelfile import write_modelfile
 
 TYPES = ("f32", "f16", "q8_0")
 ARCHS = ("llama", "qwen2", "qwen3")  # transformers model_type == llama.cpp architecture name
@@ -224,7 +226,6 @@ def check_export(path: str | Path, merged, tokenizer, inputs: list[list[int]], l
         (about 1e-5 when the file holds exactly what was meant to be written);
     top1_agreement: share of positions whose most likely next token is the merged model's;
     tokenizer_match: its tokenizer renders a chat to the same ids as `tokenizer`."""
-    from .merge import all_logits, max_abs_diff
 
     model, gtok = reload_with_transformers(path)
     if (getattr(merged.config, "rope_parameters", None) or {}).get("rope_type") == "llama3":
@@ -243,8 +244,6 @@ def export_gguf(run: str, out: str, kind: str = "f16", verify: bool = True, log=
     Modelfile beside it; with verify, reload it with transformers and compare logits.
 
     Returns {out, type, bytes, parity_merged, max_abs_logit_diff, tokenizer_match, modelfile}."""
-    from .merge import merge_in_memory
-    from .modelfile import write_modelfile
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if kind not in TYPES:

@@ -20,19 +20,23 @@ from pathlib import Path
 import torch
 
 from ..config import WEIGHT_DTYPES
+from ..data.formats import builtin_path
+from ..data.prompts import load_prompts
+from ..data.reader import load_chats
+from ..data.render import render_chat, render_prompt
 from ..errors import SlimtuneError
+from ..machine import four_bit_support
 from ..methods import method_of
 from ..models import DTYPES as _TORCH_DTYPES
-from ..runfolder import run_kind
+from ..models import load_tokenizer
+from ..runfolder import load_base, load_run, read_config, run_kind
+from ..utils import atomic_dir
 
 DTYPES = {k: _TORCH_DTYPES[k] for k in WEIGHT_DTYPES}
 
 
 def parity_inputs(tokenizer, system_prompt: str | None = None, n: int = 3) -> list[list[int]]:
     """Token ids of a few eval prompts (with the assistant header) and one whole training chat."""
-    from ..data.formats import builtin_path, load_chats
-    from ..data.render import render_chat, render_prompt
-    from ..data.prompts import load_prompts
 
     ids = [render_prompt(c, tokenizer) for c in load_prompts("builtin:eval_prompts", n, system_prompt)]
     chat = load_chats(builtin_path("instructions"))[0]
@@ -74,7 +78,6 @@ def merge_in_memory(run: str, log=None) -> Merged:
     RUN may also be a full fine-tune (returned as it is) or a plain model folder (parity 0).
     Raises SlimtuneError for prompt/prefix tuning, which adds positions rather than weights.
     """
-    from ..runfolder import load_run, read_config
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     kind = run_kind(run)
@@ -109,7 +112,6 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     dtype: float32 | bfloat16 | float16 for the saved weights (default: the run's model.dtype,
     float32 for 'auto'). The merge itself runs in float32 (bf16 for a QLoRA base on CUDA).
     """
-    from ..runfolder import read_config
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if run_kind(run) is None:
@@ -146,7 +148,6 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
 
 
 def _save(model, tokenizer, out: str, run: str, cfg, dtype: str) -> None:
-    from ..utils import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -164,9 +165,6 @@ def _merge_4bit(run: str, cfg, log):
     de-quantised base is float32, on CUDA bf16 (the compute dtypes of machine.four_bit_support)."""
     import peft
 
-    from ..machine import four_bit_support
-    from ..models import load_tokenizer
-    from ..runfolder import load_base, load_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute = four_bit_support(device)  # SlimtuneError where bitsandbytes cannot run

@@ -28,13 +28,17 @@ import sys
 import torch
 
 from ..errors import ConfigError
+from ..machine import pick_device, prepare_mps
+from ..methods import base_of, method_of
+from ..readback import read_json, read_safetensors
+from .checkpoint import join_optimizer, set_rng
+from .forward import decoder_of
 
 
 def make_accelerator(cfg):
     """An Accelerator on the chosen device; refuses launches slimtune cannot train under."""
     from accelerate import Accelerator
 
-    from ..machine import pick_device, prepare_mps
 
     device = pick_device(cfg.train.device)
     if device == "mps":
@@ -55,7 +59,6 @@ def make_accelerator(cfg):
 
 def check_fsdp(cfg, processes: int) -> None:
     """What train.fsdp cannot be combined with (yet), said before any model loads."""
-    from ..methods import method_of
 
     if method_of(cfg.method.name).four_bit:
         raise ConfigError("train.fsdp with method.name=qlora: bitsandbytes' packed 4-bit weights are not "
@@ -75,7 +78,6 @@ def is_sharded(model) -> bool:
 
 def replicated_params(model) -> set:
     """The embedding and LM head weights (one tensor when tied): kept whole on every process."""
-    from ..methods import base_of
 
     base = base_of(model)
     return {m.weight for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None}
@@ -87,7 +89,6 @@ def shard(model, acc, log=print):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .forward import decoder_of
 
     model.to(acc.device)
     mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
@@ -183,8 +184,6 @@ def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
 
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from ..readback import read_json, read_safetensors
-    from .checkpoint import join_optimizer, set_rng
 
     def place(t, like):
         if isinstance(like, DTensor):

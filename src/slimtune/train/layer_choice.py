@@ -18,6 +18,7 @@ import dataclasses
 import re
 
 from ..errors import ConfigError
+from ..methods import apply_method, method_of
 
 AUTO = re.compile(r"auto:(\d+)")
 
@@ -33,7 +34,6 @@ def layer_scores(model, cfg, objective, rows: list[dict], pad_id: int, tokenizer
 
     `model` is the plain base; it is left as it was (the probe adapter is unloaded).
     """
-    from ..methods import apply_method, method_of
 
     method = method_of(cfg.method.name)
     if method.build is None or method.adds_positions:

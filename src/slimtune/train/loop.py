@@ -30,16 +30,18 @@ from ..config import Config
 from ..data.batching import collate, length_grouped_batches, pack, row_length, split_by_tokens
 from ..data.prepare import Prepared
 from ..errors import ConfigError
-from ..machine import bf16_supported
+from ..machine import bf16_supported, four_bit_support, pick_device
 from ..methods import apply_method, method_of, trainable_report
+from ..models import load_model, load_tokenizer, model_info, resolve_model
+from ..runfolder import weights_digest
 from ..utils import atomic_write_json, peak_rss_mb, quiet_libraries, reset_peak_rss, seed_everything
 from . import distributed
+from .base_states import base_states
 from .callbacks import Callback, Progress, RunLog, Stopper, Timer
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .forward import check_head
-from .layer_choice import auto_k, choose_layers, layer_scores
-from .base_states import base_states
 from .heldout import heldout_metrics
+from .layer_choice import auto_k, choose_layers, layer_scores
 from .objectives import Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
 from .precision import Precision, check_precision
@@ -49,7 +51,6 @@ from .trackers import check_trackers, make_trackers
 def check_machine(cfg: Config, device: str | None = None) -> None:
     """Checks that need the machine (the config checks itself): 4-bit base, bf16, trackers.
     device: cpu / cuda / mps (None: the one train.device picks)."""
-    from ..machine import bf16_supported, four_bit_support, pick_device
 
     device = device or pick_device(cfg.train.device)
     if method_of(cfg.method.name).four_bit:
@@ -129,7 +130,6 @@ def train(cfg: Config, log=print, callbacks: list[Callback] | tuple = (), object
 
 
 def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = None) -> Session:
-    from ..models import load_model, load_tokenizer, model_info, resolve_model
 
     quiet_libraries()
     reset_peak_rss()  # this run's own peak, also when a sweep runs several in one process
@@ -399,7 +399,6 @@ def finish(s: Session, log=print) -> dict:
 def _eval_context(s: Session, step: int) -> dict:
     """What `slimtune eval` must match to take the "after" metrics as its own held-out numbers
     instead of measuring them again: the saved weights and how they were evaluated."""
-    from ..runfolder import weights_digest
 
     cfg = s.cfg
     return {"step": step, "weights_sha256": weights_digest(s.run_dir), "dtype": cfg.model.dtype,

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import ConfigError
+from ..machine import bf16_supported
 
 MIXED = ("no", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,7 +79,6 @@ class Precision:
 
 def check_precision(mode: str, device: str, weights_dtype: str) -> None:
     """Refuse combinations that cannot work, before any model loads; warn about slow ones."""
-    from ..machine import bf16_supported
 
     if mode != "no" and weights_dtype in ("bfloat16", "float16"):
         raise ConfigError(f"train.mixed_precision={mode} with model.dtype={weights_dtype}: autocast is for "
