@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.utils import atomic_dir, cache_dir  # noqa: F401  (cache_dir: models live in <cache>/models)
@@ -89,7 +92,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
     tokenizer's own (model.chat_template; for base models that have none).
     When pad == eos, padding must be masked by attention_mask, not by pad id.
     """
-    from transformers import AutoTokenizer
 
     path = resolve_model(name)
     tok = _from_pretrained(AutoTokenizer.from_pretrained, name, path, "tokenizer",
@@ -128,7 +130,6 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     if quantize_4bit:
         kwargs["quantization_config"] = _nf4_config(device or "cpu")
         kwargs["device_map"] = {"": device or "cpu"}
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, path, "model", **kwargs)
@@ -220,7 +221,6 @@ def _from_pretrained(loader, name: str, path: str, what: str, **kwargs):
 
 def _nf4_config(device: str):
     """BitsAndBytesConfig for QLoRA on `device`; SlimtuneError if bitsandbytes cannot run there."""
-    from transformers import BitsAndBytesConfig
 
 
     compute = four_bit_support(device)
@@ -261,7 +261,6 @@ def _gguf_folder(gguf: Path) -> Path:
 
 def _convert_once(gguf: Path, out: Path, title: str, fix: str) -> Path:
     """Convert under a file lock; the folder appears complete (atomic rename) or not at all."""
-    from filelock import FileLock, Timeout
 
     if importlib.util.find_spec("gguf") is None:
         raise SlimtuneError(f"reading {title} needs the gguf package: {fix}")
@@ -292,8 +291,6 @@ def _convert(gguf: Path, out: Path, title: str) -> None:
     save_pretrained refuses a GGUF-loaded model, so the weights move into a fresh model built
     from the same config minus its quantization_config.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
     _say(f"converting {title} from GGUF (once, ~1 min) ...")

@@ -8,9 +8,11 @@ chat_template.jinja are the ones training rendered with, so they are loaded from
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import peft
 import torch
 
 from .config import Config, ModelCfg, load_config
@@ -46,7 +48,6 @@ def weights_digest(path: str | Path) -> str | None:
     """sha256 over the run's weight files (adapter_model.safetensors, or model*.safetensors), in name
     order; None if there are none. It tells `slimtune eval` whether training's final evaluation
     measured exactly these weights."""
-    import hashlib
 
     p = Path(path)
     files = [p / "adapter_model.safetensors"] if (p / "adapter_model.safetensors").is_file() \
@@ -118,7 +119,6 @@ def load_run(path: str | Path, dtype: str = "float32", device: str | None = None
         model = load_model(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation, device=device)
         return model, tokenizer, cfg
-    import peft
 
     base = load_base(cfg, dtype, device)
     try:

@@ -23,6 +23,9 @@ import json
 from array import array
 from pathlib import Path
 
+import pyarrow as pa
+import torch
+
 from .config import CHUNK_SIZE
 from .data.batching import collate
 from .data.render import IGNORE
@@ -177,7 +180,6 @@ def write_teacher_logprobs(rows: list[dict], teacher_model, out_dir: str | Path,
 def _shard_table(rows, start, end, model, top_k, tau, batch_size, chunk_size):
     """The Arrow table of rows[start:end]; batches of similar length (longest first) pad little,
     and the order within a shard is fixed, so a rewritten shard is byte-identical."""
-    import pyarrow as pa
 
     order = sorted(range(start, end), key=lambda i: (-len(rows[i]["input_ids"]), i))
     found = {}
@@ -195,7 +197,6 @@ def _shard_table(rows, start, end, model, top_k, tau, batch_size, chunk_size):
 
 
 def _arrow_bytes(table) -> bytes:
-    import pyarrow as pa
 
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -210,7 +211,6 @@ def teacher_topk(model, rows: list[dict], top_k: int, temperature: float = 1.0, 
     One padded forward for the batch (final hidden states only, train/forward.py's path), then the
     output layer with the head's transforms on `chunk_size` positions at a time: never (B, T, V).
     """
-    import torch
 
 
     device = next(model.parameters()).device
@@ -252,7 +252,6 @@ class TeacherLogprobs:
         return self.manifest["rows"]
 
     def __getitem__(self, i: int):
-        import torch
 
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -266,7 +265,6 @@ class TeacherLogprobs:
 def read_teacher_logprobs(out_dir: str | Path, rows: list[dict], data_hash: str | None = None) -> TeacherLogprobs:
     """Open a finished store written for `rows`; DataError if it is unfinished or does not match
     them (row count, data hash when given, trained positions per row)."""
-    import pyarrow as pa
 
     out = Path(out_dir)
     if not (out / MANIFEST).is_file():

@@ -10,6 +10,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from datasets import Dataset
+
 from ..config import DataCfg
 from ..errors import DataError
 from .formats import Messages
@@ -64,7 +66,6 @@ def read_records(spec: str, cfg: DataCfg, seed: int = 0) -> list[dict]:
 
 def chats_source(chats: list[Messages], name: str) -> Source:
     """An in-memory Source of ChatML rows (for mixes and chitchat), fingerprinted by content."""
-    from datasets import Dataset
     texts = [json.dumps({"messages": c}, ensure_ascii=False) for c in chats]
     fp = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:24]
     ds = Dataset.from_dict({"_line": list(range(1, len(texts) + 1)), "_json": texts})

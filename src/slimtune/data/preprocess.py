@@ -19,6 +19,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
+from datasets import Dataset, concatenate_datasets
+from datasets.utils.logging import disable_progress_bar
+
 from ..errors import DataError
 from .reader import Reader
 from .render import IGNORE, render_chat
@@ -107,7 +111,6 @@ def cache_key(source: Source, reader: Reader, tokenizer, train_on: str, max_leng
 
 
 def _load(folder: Path):
-    from datasets import Dataset, concatenate_datasets
     parts = [Dataset.from_file(str(p)) for p in sorted(folder.glob("*.arrow"))]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
@@ -116,7 +119,6 @@ def render_source(source: Source, tokenizer, fmt: str = "auto", columns: dict | 
                   system_prompt: str | None = None, train_on: str = "assistant", max_length: int | None = None,
                   num_proc: int = 1, cache: bool = True, log=None, train_reasoning: bool = True) -> Rendered:
     """Render every row of `source` (see module doc); raises the first row's DataError, if any."""
-    from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
     reader = Reader(source, fmt, columns, system_prompt)
@@ -155,7 +157,6 @@ def render_source(source: Source, tokenizer, fmt: str = "auto", columns: dict | 
 
 def _raise_first_error(ds) -> None:
     errors = ds.data.column("error")
-    import pyarrow.compute as pc
     bad = pc.index(pc.not_equal(errors, ""), True).as_py()
     if bad is not None and bad >= 0:
         raise DataError(errors[bad].as_py())

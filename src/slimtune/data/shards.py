@@ -19,6 +19,8 @@ import re
 from bisect import bisect_right
 from pathlib import Path
 
+from datasets import concatenate_datasets
+
 from ..errors import DataError, register_locator
 from .source import Source
 
@@ -112,7 +114,6 @@ class ShardedRows:
 
 def open_files(name: str, files: list[Path], open_one) -> object:
     """Concatenate single-file sources (same kind, same columns) into one Source named `name`."""
-    from datasets import concatenate_datasets
 
 
     kinds = {data_kind(f) for f in files}

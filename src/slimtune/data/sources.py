@@ -17,6 +17,7 @@ Rows of tabular sources are numbered from 1 (CSV: the data rows, header not coun
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -26,6 +27,13 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
+
+import pyarrow as pa
+import zstandard
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
+from datasets.arrow_writer import ArrowWriter
+from datasets.table import InMemoryTable
+from datasets.utils.logging import disable_progress_bar, set_verbosity
 
 from ..errors import DataError
 from ..utils import atomic_file, cache_dir
@@ -48,7 +56,6 @@ def data_cache() -> Path:
 
 def open_source(spec: str, split: str | None = None, subset: str | None = None) -> Source:
     """Open `spec` (see module doc). Raises DataError, one line, for anything it cannot read."""
-    from datasets.utils.logging import disable_progress_bar, set_verbosity
 
     disable_progress_bar()  # one line per error, and no bars from reading a 3-row CSV
     set_verbosity(50)  # datasets logs its own copy of a read error; ours names the file and says what to do
@@ -96,11 +103,6 @@ def _open_bytes(path: Path):
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError("reading .zst files needs the zstandard package: pip install zstandard",
-                            path=str(path)) from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
@@ -184,8 +186,6 @@ def _json_list(path: Path, head: str) -> Iterator[tuple[int, str]] | None:
 
 
 def _open_json(path: Path) -> Source:
-    from datasets import Dataset, Features, Value
-    from datasets.arrow_writer import ArrowWriter
 
     key = file_hash(path)
     out = data_cache() / "sources" / f"{key}.arrow"
@@ -217,16 +217,13 @@ def _open_json(path: Path) -> Source:
 
 
 def _tabular(path: Path, kind: str) -> Source:
-    from datasets import Dataset
 
     cache = str(data_cache() / "hf")
     if kind == "parquet":
         ds = Dataset.from_parquet(str(path), cache_dir=cache)
     else:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        import csv
 
-        from datasets import Features, Value
         with open(path, "rb") as f:
             header = _decode(f.readline(), path, 1)  # BOM and encoding checks with a line number
         names = next(csv.reader([header.removeprefix("\ufeff")], delimiter=sep), [])
@@ -239,13 +236,10 @@ def _tabular(path: Path, kind: str) -> Source:
 
 
 def _open_arrow(path: Path) -> Source:
-    from datasets import Dataset
 
     try:
         ds = Dataset.from_file(str(path))  # the stream format `datasets` writes, memory-mapped
     except Exception:
-        import pyarrow as pa
-        from datasets.table import InMemoryTable
         with pa.memory_map(str(path)) as mm:  # an Arrow IPC / Feather file: zero-copy over the map
             table = pa.ipc.open_file(mm).read_all()
         ds = Dataset(InMemoryTable(table))
@@ -253,7 +247,6 @@ def _open_arrow(path: Path) -> Source:
 
 
 def _open_folder(path: Path, split: str | None) -> Source:
-    from datasets import DatasetDict, load_from_disk
 
     if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         raise DataError(f"not a dataset folder: no data file under it (.jsonl, .json, .parquet, .csv, .arrow) "
@@ -300,7 +293,6 @@ def _open_hub(name: str, split: str, subset: str | None) -> Source:
     hint = OFFLINE_HINT.format(name=name, sub=f", '{subset}'" if subset else "", split=split)
     if hub_offline():
         raise DataError(f"{spec} is a Hub dataset and HF_HUB_OFFLINE is set, so it cannot be downloaded: {hint}")
-    from datasets import load_dataset
 
     try:
         ds = load_dataset(name, subset, split=split)

@@ -11,6 +11,7 @@ Checks are strict: the answer as generated, no lenient variants.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections import defaultdict
@@ -172,7 +173,6 @@ def check(text: str, constraint: dict) -> bool:
 def load_ifeval(spec: str = "builtin:ifeval_prompts", limit: int | None = None) -> list[dict]:
     """Rows {id, prompt, constraints} from a JSONL file; each constraint's type and arguments are
     checked here (a DataError names file:line:field), so a bad row fails before any model runs."""
-    import inspect
 
 
     rows = []

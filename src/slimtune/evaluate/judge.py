@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -59,7 +60,6 @@ def ask(url: str, model: str, prompt: str, a: str, b: str, timeout: float = 60.0
     """(verdict or None, the reply's text). HTTP 429 / 5xx and timeouts are retried `retries` times,
     waiting as the server's Retry-After says (else 1, 2, 4, 8 s). Raises SlimtuneError when the server
     cannot be reached, refuses, or answers with something that is not a chat completion."""
-    import time
 
     body = {"model": model, "temperature": 0, "max_tokens": max_tokens,
             "messages": [{"role": "system", "content": SYSTEM},

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from ..data.prompts import last_user, load_prompts
 from ..errors import SlimtuneError
 from ..generate import settings_for
@@ -241,7 +243,6 @@ def _kv_table(d: dict | None) -> str:
 
 
 def render_html(run: Path, config_yaml: str, summary, ev, times, data_stats, plots, samples, sample_src) -> str:
-    import yaml
 
     cfg = yaml.safe_load(config_yaml) or {}
     method, model = cfg.get("method", {}).get("name", "?"), cfg.get("model", {}).get("name", "?")

@@ -21,12 +21,19 @@ What follows llama.cpp's convert_hf_to_gguf.py (the reference writer):
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+import transformers.modeling_gguf_pytorch_utils as reader
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import SlimtuneError
 from ..utils import atomic_file
@@ -88,7 +95,6 @@ def llama3_rope_factors(config) -> torch.Tensor:
 
 def gguf_tensors(model):
     """Yield (llama.cpp name, float32 tensor) for every weight of a llama / qwen2 / qwen3 model."""
-    import gguf
 
     cfg = model.config
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == cfg.model_type)
@@ -112,8 +118,6 @@ def gguf_tensors(model):
 
 def encode(name: str, t: torch.Tensor, kind: str):
     """(array, GGMLQuantizationType) for one tensor in the requested file type."""
-    import gguf
-    from gguf import GGMLQuantizationType as Q
 
     data = t.numpy()
     if kind == "f32" or data.ndim < 2 or name.endswith("_norm.weight"):
@@ -125,7 +129,6 @@ def encode(name: str, t: torch.Tensor, kind: str):
 
 def add_architecture(writer, cfg, n_vocab: int, kind: str, title: str) -> None:
     """The `<arch>.*` keys llama.cpp reads to build the graph, and general.*."""
-    import gguf
 
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -152,7 +155,6 @@ def add_architecture(writer, cfg, n_vocab: int, kind: str, title: str) -> None:
 def write_gguf(model, tokenizer, out: str | Path, kind: str = "f16", title: str = "slimtune export") -> dict:
     """Write `model` (llama / qwen2 / qwen3, any dtype) and `tokenizer` to one GGUF file at `out`,
     atomically (a temp file beside it, renamed at the end). Returns the tokenizer metadata written."""
-    import gguf
 
     if kind not in TYPES:
         raise SlimtuneError(f"--type {kind}: choose one of {', '.join(TYPES)}")
@@ -176,10 +178,7 @@ def write_gguf(model, tokenizer, out: str | Path, kind: str = "f16", title: str 
 
 def reload_with_transformers(path: str | Path):
     """(model, tokenizer) read back from the GGUF by transformers' own GGUF loader, float32."""
-    from functools import partial
 
-    import transformers.modeling_gguf_pytorch_utils as reader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if getattr(reader, "tqdm", None) is not None and not isinstance(reader.tqdm, partial):
         reader.tqdm = partial(reader.tqdm, disable=True)  # a bar per file read floods the log
@@ -204,9 +203,7 @@ def same_chat_ids(tok_a, tok_b, chat=PROBE_CHAT) -> bool:
 def rounded_like_file(model, kind: str):
     """A copy of `model` whose weights went through the same f16 / q8_0 rounding as the file's
     (quantise, then de-quantise with gguf's own code); the model itself for f32."""
-    import copy
 
-    from gguf.quants import dequantize
 
     if kind == "f32":
         return model

@@ -17,7 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import peft
 import torch
+from transformers import AutoModelForCausalLM
 
 from ..config import WEIGHT_DTYPES
 from ..data.formats import builtin_path
@@ -132,7 +134,6 @@ def merge_run(run: str, out: str, dtype: str | None = None, log=None) -> dict:
     merged.config.dtype = DTYPES[dtype]
     _save(merged, tokenizer, out, run, cfg, dtype)
 
-    from transformers import AutoModelForCausalLM  # the user's path: no slimtune, no peft
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     saved = max_abs_diff(reference, all_logits(reloaded, inputs))
@@ -163,7 +164,6 @@ def _merge_4bit(run: str, cfg, log):
     """QLoRA: the adapter was trained on NF4 weights, so merge it into those weights de-quantised
     (not into the original checkpoint, which differs by the quantisation error). On CPU the
     de-quantised base is float32, on CUDA bf16 (the compute dtypes of machine.four_bit_support)."""
-    import peft
 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from ..errors import ConfigError
 from ..machine import pick_device, prepare_mps
@@ -37,7 +39,6 @@ from .forward import decoder_of
 
 def make_accelerator(cfg):
     """An Accelerator on the chosen device; refuses launches slimtune cannot train under."""
-    from accelerate import Accelerator
 
 
     device = pick_device(cfg.train.device)
@@ -180,7 +181,6 @@ def full_state_dict(s) -> dict | None:
 
 def load_sharded(path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """`checkpoint.load_checkpoint` under FSDP: from full tensors, each process keeps its shard."""
-    from pathlib import Path
 
     from torch.distributed.tensor import DTensor, distribute_tensor
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast, gather_object
 
 from ..config import Config
 from ..data.batching import collate, length_grouped_batches, pack, row_length, split_by_tokens
@@ -324,7 +325,6 @@ def _agreed(s: Session, value: float | None) -> float | None:
     """The main process's value on every process, so decisions taken from it agree."""
     if s.acc.num_processes == 1 or value is None:
         return value
-    from accelerate.utils import broadcast
 
     return float(broadcast(torch.tensor([value], dtype=torch.float64, device=s.acc.device), 0)[0])
 
@@ -347,7 +347,6 @@ def evaluate(s: Session) -> dict:
 
 
 def checkpoint(s: Session) -> None:
-    from accelerate.utils import gather_object
 
     states = gather_object([rng_state()]) if s.acc.num_processes > 1 else [rng_state()]
     model, optimizer = distributed.gathered(s)  # FSDP: full tensors from the shards (every process)

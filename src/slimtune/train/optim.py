@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.optimization import Adafactor
 
 from ..config import TrainCfg
 from ..errors import ConfigError
@@ -25,7 +26,6 @@ def make_optimizer(params, cfg: TrainCfg, total_steps: int, warmup: int) -> torc
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, foreach=True)
     if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
         return Adafactor(groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False)
     if cfg.optimizer == "lion":
         try:
