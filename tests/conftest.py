@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Tests mirror the package (tests/data, tests/losses, tests/train, tests/evaluate, tests/ship) and
+# share helpers by module name (from test_loop import run_args): every folder is importable.
+for folder in [Path(__file__).parent, *sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir())]:
+    sys.path.insert(0, str(folder))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
 # Tiny models gain nothing from a second thread, and two threads fighting another process on a
 # 2-core machine made the suite 4-6x slower; subprocess tests inherit this too.

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from test_run import make_run
-from test_train import run_args, write_data
+from test_loop import run_args, write_data
 
 from slimtune.config import build_config
 from slimtune.errors import SlimtuneError

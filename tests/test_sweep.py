@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from test_train import chats
+from test_loop import chats
 
 from slimtune.errors import ConfigError
 from slimtune.sweep import grid_runs, run_name, sweep

@@ -77,7 +77,7 @@ def training_heldout(pair, examples: list[dict], general: list[dict], states, n_
     those batches on disk (they give the base's loss without a forward pass).
 
     Equal to measuring again up to float rounding: training evaluated with the adapter unmerged,
-    `slimtune eval` merges it (tests/test_evalrun.py compares the two)."""
+    `slimtune eval` merges it (tests/evaluate/test_suite.py compares the two)."""
     from ..specs import SPECS
     from ..train.heldout import base_loss_from_states
 

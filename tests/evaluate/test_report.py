@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from test_evalrun import tiny_train
+from test_suite import tiny_train
 
 from slimtune.evaluate.compare import compare_runs, to_markdown, to_terminal
 from slimtune.errors import SlimtuneError

@@ -9,7 +9,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-from test_train import chats
+from test_loop import chats
 from tiny import save_tiny
 
 from slimtune.config import build_config

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import run_args, write_data
+from test_loop import run_args, write_data
 
 from slimtune.config import build_config
 from slimtune.train.loop import checkpoint, finish, setup, step, train

@@ -10,7 +10,7 @@ import torch
 from slimtune.losses.sft import chunked_loss, reference_loss, token_kl
 
 N, H, V = 13, 8, 11
-DOC = Path(__file__).resolve().parents[1] / "docs" / "kl.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "kl.md"
 
 
 def _inputs(seed=0, dtype=torch.float32, train_weight=False, with_bias=False):

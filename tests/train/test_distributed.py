@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import chats
+from test_loop import chats
 
 
 def test_ddp_two_processes_equal_one_process_accumulating(tiny_dir, tmp_path):

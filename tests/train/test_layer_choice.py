@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import run_args, write_data
+from test_loop import run_args, write_data
 
 from slimtune.config import build_config
 from slimtune.errors import ConfigError
@@ -49,7 +49,7 @@ def test_layer_scores_are_adapter_gradient_norms(tmp_path):
     from slimtune.methods import apply_method
     from slimtune.train.layer_choice import layer_scores
     from slimtune.train.objectives import make_objective
-    from test_train import chats
+    from test_loop import chats
 
     tok = make_tokenizer("chatml")
     cfg = build_config({}, ["method.r=4", "train.batch_size=4", "method.auto_layers_batches=1"])

@@ -4,7 +4,7 @@ that are missing or would reach the network unconfigured are refused before trai
 import json
 
 import pytest
-from test_train import run_args, write_data
+from test_loop import run_args, write_data
 
 from slimtune.config import build_config
 from slimtune.errors import ConfigError

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import chats, lora_model, run_args, write_data
+from test_loop import chats, lora_model, run_args, write_data
 from tiny import make_model, make_tokenizer
 
 from slimtune.config import build_config

@@ -3,7 +3,7 @@ Gemma 2 soft-caps) train on the model's own loss; a transform slimtune does not 
 
 import pytest
 import torch
-from test_train import chats, run_args, write_data
+from test_loop import chats, run_args, write_data
 from tiny import make_tokenizer
 
 from slimtune.config import build_config

@@ -306,7 +306,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
 
 LLAMA_CPP_PY = os.environ.get("SLIMTUNE_LLAMA_CPP_PYTHON", "/tmp/llamacpp/bin/python")
-LLAMA_CPP_SCRIPT = Path(__file__).parent.parent / "bench" / "llama_cpp_answer.py"
+LLAMA_CPP_SCRIPT = Path(__file__).parents[2] / "bench" / "llama_cpp_answer.py"
 
 
 def has_llama_cpp() -> bool:

@@ -3,7 +3,7 @@ trained weights and optimizer state stay fp32, and fp16 loss scaling skips overf
 
 import pytest
 import torch
-from test_train import chats, lora_model, run_args, write_data
+from test_loop import chats, lora_model, run_args, write_data
 from tiny import make_tokenizer
 
 from slimtune.config import build_config
