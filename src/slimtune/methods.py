@@ -1,8 +1,9 @@
 """Our method config -> a PEFT model (or a fully trainable one); targets; trainable-parameter report.
 
 PEFT does the methods; this module only chooses modules and settings. `METHODS` is the one table
-of methods: each row says how to build its PEFT config and what the rest of slimtune must know
-about it (config validation, the loop, loading a run and merging read these flags, never names):
+of methods: each row's flags are `specs.METHOD_SPECS` (torch-free: config validation reads them
+there) and its builder is in `BUILDERS`; the loop, loading a run, generation and merging read the
+flags, never names:
 
     name           PEFT config                           merges  adds positions  4-bit base  base = frozen copy
     lora           LoraConfig                             yes
@@ -14,7 +15,7 @@ about it (config validation, the loop, loading a run and merging read these flag
     prefix_tuning  PrefixTuningConfig                            yes
     full           none: every parameter trains           (is the model)                     yes
 
-Adding a PEFT method = one `Method` row (+ its builder) + a config example + a test row.
+Adding a PEFT method = a `specs.METHOD_SPECS` row + its builder in `BUILDERS` + a config example + a test row.
 """
 
 from __future__ import annotations
