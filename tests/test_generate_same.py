@@ -125,3 +125,28 @@ def test_bf16_autocast_answers_equal_the_old_path():
     assert [a["n_tokens"] for a in many] == [len(x) for x in old]
     assert [a["text"] for a in many] == [tok.decode(x[:-1] if x[-1] in stops else x).strip() for x in old]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights are back
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "dora"])
+def test_bf16_weights_cast_once_give_autocasts_logits_exactly(tmp_path, tiny_dir, method):
+    """_cast_once rounds each Linear weight as autocast would at every call: bitwise the same logits
+    (plain model; PEFT LoRA with mixed adapter rows; unmerged DoRA, whose layers it leaves alone)."""
+    from test_run import make_run
+
+    from slimtune.generate import _cast_once
+    from slimtune.runfolder import load_run
+
+    if method == "none":
+        tok = make_tokenizer("chatml")
+        model, kw = ending_model(tok), {}
+    else:
+        model, tok, _ = load_run(make_run(tmp_path, tiny_dir, method, scale=1.0))
+        kw = {"adapter_names": ["default", "__base__"]} if method == "lora" else {}
+    ids = torch.tensor([render_prompt(CHATS[1], tok)] * 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, **kw).logits
+        with _cast_once(model):
+            assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+            got = model(input_ids=ids, **kw).logits
+    assert torch.equal(got, want)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
