@@ -5,7 +5,8 @@ interleaved in one process on the same prompts, greedy; token ids compared with 
     PYTHONPATH=src python bench/generation_steps.py --batches 1,32 --rounds 2 --stop eos
 
 Variants: old; new (everything); no_prealloc (DynamicCache grown by torch.cat); cut_each (cut a row
-the step it ends); no_cast_once (under bf16 autocast, weights cast at every call). --autocast bf16 runs every variant under bf16 autocast, as eval does on a CPU
+the step it ends); no_cast_once (under bf16 autocast, weights cast at every call); compiled
+(the model under torch.compile(dynamic=True): its first run includes the compilation). --autocast bf16 runs every variant under bf16 autocast, as eval does on a CPU
 with native bf16. Writes bench/results/generation_steps.json.
 """
 
@@ -60,7 +61,13 @@ def variants():
                 return new(model, prompts, s, stops, pad)
         return run
 
-    return {"old": old, "new": new,
+    compiled = {}
+
+    def compiled_run(model, prompts, s, stops, pad):  # prefill and steps through torch.compile (inductor)
+        net = compiled.setdefault(id(model), torch.compile(model, dynamic=True))
+        return g._decode(net, prompts, s, [0] * len(prompts), stops, pad)
+
+    return {"old": old, "new": new, "compiled": compiled_run,
             "no_prealloc": with_patch(_Cache=lambda capacity, prefix=None: DynamicCache()),
             "cut_each": with_patch(CUT_SHARE=10**9),
             "no_cast_once": with_patch(_cast_once=lambda net: nullcontext())}

@@ -5,9 +5,11 @@
 
 `generate_many` answers many prompts at once; `generate` is the same decoding for one chat,
 streamed. A step costs about the same for 1 row as for 16 on a CPU (the weights are read once
-either way), so answering 24 prompts together is ~8x faster than one at a time. Rows that have
-ended are cut from the batch and its KV cache. Position ids count real tokens only and padding is
-masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
+either way), so answering 24 prompts together is ~8x faster than one at a time. The KV cache is
+preallocated for prompt + answer (`_Cache`: no copy of the whole cache per step); rows that have
+ended are cut from the batch and its cache once a quarter of it has ended (`CUT_SHARE`). Under bf16
+autocast the weights are cast to bf16 once per batch, not at every call (`_cast_once`). Position
+ids count real tokens only and padding is masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
 also on a model with learned absolute positions, where a missing offset would show).
 
 Adapters that can be merged (the method table's `can_merge`) are merged into the weights for the
@@ -352,7 +354,7 @@ copies the cache, each finished row kept costs its share of a step."""
 def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], stops: list[int],
             pad: int, names: list[str] | None = None, virtual=None, on_token=None) -> list[list[int]]:
     """New token ids per prompt (the stop token included when it ended), KV-cached, finished rows
-    dropped. names: per row, the PEFT adapter it runs with ("__base__": none); `net` is then the
+    dropped (in groups, `CUT_SHARE`). names: per row, the PEFT adapter it runs with ("__base__": none); `net` is then the
     PEFT model. virtual: the PEFT prompt/prefix-tuning model whose virtual tokens start each row
     (`net` is then its base model). on_token: called with each step's picks (a list, batch order)."""
     device = next(net.parameters()).device
