@@ -191,6 +191,11 @@ class LlamaCpp:
         self.llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                          logits_all=False, verbose=False)
 
+    def last_logits(self, np):
+        from llama_cpp import llama_get_logits_ith
+
+        return np.ctypeslib.as_array(llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+
     def __call__(self, model, tok, prompts, n_new, stops, pad):
         import numpy as np
 
@@ -200,8 +205,8 @@ class LlamaCpp:
             self.llm.reset()
             self.llm.eval(p)
             out = []
-            for i in range(n_new):  # greedy: argmax of the last logits
-                nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            for i in range(n_new):  # greedy: argmax of the last token's logits (not kept in .scores
+                nxt = int(np.argmax(self.last_logits(np)))  # without logits_all, which costs the prefill)
                 if ttft is None:
                     ttft = time.perf_counter() - t
                 out.append(nxt)
@@ -253,7 +258,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch / llama.cpp threads (0: torch's default)")
     ap.add_argument("--autocast", default="no", choices=["no", "bf16"], help="slimtune's decoding precision")
     ap.add_argument("--out", default=str(RESULTS / "generation.json"))
+    ap.add_argument("--table", help="only write the Markdown table of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.table:
+        data = json.loads(Path(args.table).read_text())
+        args = argparse.Namespace(**data["settings"])
+        Path(data["settings"]["out"]).with_suffix(".md").write_text(md := table(data["info"], data["summary"], args))
+        print(md)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     from slimtune.generate import stop_ids
@@ -346,6 +358,11 @@ def table(info, summary, args) -> str:
         lines.append(f"| {s['batch']} | {s['variant']} | {s['tok_s']:.1f} | {s['decode_tok_s']:.1f} | {s['ttft_s']:.3f} | "
                      f"{s['limit_tok_s']:.0f} ({s['bound']}) | {share} | {'yes' if s['same_ids_as_slimtune'] else 'no'} | "
                      f"{' '.join(s['loadavg'])} |")
+    tok_s = {(x["batch"], x["variant"]): x["tok_s"] for x in summary}
+    lines.append("")
+    for B, other in ((1, "llama_cpp"), (32, "hf_dynamic"), (32, "hf_static")):
+        if (B, other) in tok_s and (B, "slimtune") in tok_s:
+            lines.append(f"- batch {B}: slimtune / {other} = {tok_s[(B, 'slimtune')] / tok_s[(B, other)]:.2f}x tokens/s")
     return "\n".join(lines) + "\n"
 
 
