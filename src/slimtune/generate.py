@@ -5,9 +5,11 @@
 
 `generate_many` answers many prompts at once; `generate` is the same decoding for one chat,
 streamed. A step costs about the same for 1 row as for 16 on a CPU (the weights are read once
-either way), so answering 24 prompts together is ~8x faster than one at a time. Rows that have
-ended are cut from the batch and its KV cache. Position ids count real tokens only and padding is
-masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
+either way), so answering 24 prompts together is ~8x faster than one at a time. The KV cache is
+preallocated for prompt + answer (`_Cache`: no copy of the whole cache per step); rows that have
+ended are cut from the batch and its cache once a quarter of it has ended (`CUT_SHARE`). Under bf16
+autocast the weights are cast to bf16 once per batch, not at every call (`_cast_once`). Position
+ids count real tokens only and padding is masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
 also on a model with learned absolute positions, where a missing offset would show).
 
 Adapters that can be merged (the method table's `can_merge`) are merged into the weights for the
@@ -29,8 +31,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import (DynamicCache, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+from transformers import (Cache, DynamicCache, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import DynamicLayer
 
 from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
@@ -279,11 +282,79 @@ def _with_virtual(peft_model, ids: torch.Tensor, mask: torch.Tensor):
     return {"input_ids": ids, "past_key_values": cache}, full, pos + P
 
 
+class _Layer(DynamicLayer):
+    """A DynamicLayer that writes into a buffer sized for prompt + answer instead of growing by
+    torch.cat, which copies the whole cache at every step (at batch 32 and 200 tokens about as many
+    bytes as the weights). It returns the filled part, so attention sees what DynamicCache gives."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # (B, H, capacity, D)
+            self.device, self.is_initialized = key_states.device, True
+            B, H, _, D = key_states.shape
+            self.kbuf = key_states.new_empty(B, H, self.capacity, D)
+            self.vbuf = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+        end = self.length + key_states.shape[-2]
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+
+class _Cache(DynamicCache):
+    """The KV cache of one batch, preallocated for `capacity` positions per layer (`_Layer`)."""
+
+    def __init__(self, capacity: int, prefix=None):
+        Cache.__init__(self, layer_class_to_replicate=lambda: _Layer(capacity))
+        if prefix is not None:  # prefix tuning: the virtual keys / values start every layer
+            for i, layer in enumerate(prefix.layers):
+                self.update(layer.keys, layer.values, i)
+
+
+@contextmanager
+def _cast_once(net):
+    """Under bf16 autocast, every Linear's float32 weight cast to bf16 once for the whole generation.
+
+    Autocast keeps its cast of a weight only if the weight requires grad, so a frozen base's
+    weights are cast again at every call: at batch 1 that moves 1.5x the bytes of the fp32 matmul
+    it replaces. The cast is the same rounding autocast does, so outputs are unchanged. Skipped
+    for an unmerged DoRA layer (its weight norm would see the rounded weight); restored on exit.
+    """
+    kind = next(net.parameters()).device.type
+    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+        yield
+        return
+    skip = {id(sub) for m in net.modules() if len(getattr(m, "lora_magnitude_vector", ())) and not m.merged
+            for sub in m.modules()}
+    saved = [(m, m.weight) for m in net.modules()
+             if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and id(m) not in skip]
+    try:
+        for m, w in saved:  # a tied head gets its own copy; the embedding keeps the float32 table
+            m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+        yield
+    finally:
+        for m, w in saved:
+            m.weight = w
+
+
+CUT_SHARE = 4
+"""Finished rows leave the batch (and its cache) once >= 1/CUT_SHARE of it has finished: each cut
+copies the cache, each finished row kept costs its share of a step."""
+
+
 @torch.no_grad()
 def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], stops: list[int],
             pad: int, names: list[str] | None = None, virtual=None, on_token=None) -> list[list[int]]:
     """New token ids per prompt (the stop token included when it ended), KV-cached, finished rows
-    dropped. names: per row, the PEFT adapter it runs with ("__base__": none); `net` is then the
+    dropped (in groups, `CUT_SHARE`). names: per row, the PEFT adapter it runs with ("__base__": none); `net` is then the
     PEFT model. virtual: the PEFT prompt/prefix-tuning model whose virtual tokens start each row
     (`net` is then its base model). on_token: called with each step's picks (a list, batch order)."""
     device = next(net.parameters()).device
@@ -292,53 +363,71 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     inputs = {"input_ids": ids}
     if virtual is not None:
         inputs, mask, pos = _with_virtual(virtual, ids, mask)
-    cache = inputs.setdefault("past_key_values", DynamicCache())
+    B, width = mask.shape                        # width: virtual tokens (prompt / prefix tuning) included
+    cache = _Cache(width + s.max_new_tokens, inputs.pop("past_key_values", None))
+    full = torch.cat([mask, mask.new_ones(B, s.max_new_tokens)], dim=1)  # (B, width + n): each step's mask, sliced
+    with _cast_once(net):
+        return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token)
+
+
+def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token):
+    """_decode's prefill and decoding steps (see there)."""
+    device = mask.device
+    B, width = mask.shape
     mix = {"adapter_names": names} if names is not None else {}
-    logits = net(**inputs, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                 **mix).logits[:, -1].float()  # (B, V)
+    logits = net(**inputs, past_key_values=cache, attention_mask=mask, position_ids=pos, use_cache=True,
+                 logits_to_keep=1, **mix).logits[:, -1].float()  # (B, V)
     procs = processors(s)
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds] if s.sample else None
-    seqs = [list(p) for p in prompts]            # per-row history, unpadded, for the processors
-    alive = list(range(len(prompts)))            # original row of each batch row
+    seqs = [list(p) for p in prompts] if procs else None  # per-row history, unpadded, for the processors
+    rows = list(range(B))                        # original row of each batch row
+    live = [True] * B                            # per batch row: still answering
     new: list[list[int]] = [[] for _ in prompts]
-    next_pos = pos[:, -1] + 1                    # (B,)
+    next_pos = pos[:, -1:] + 1                   # (B, 1)
     stop_set = set(stops)
     for step in range(s.max_new_tokens):
-        picks = _pick(logits, [seqs[r] for r in alive], procs, [gens[r] for r in alive] if gens else None)
+        picks = _pick(logits, live, [seqs[r] for r in rows] if seqs else None, procs,
+                      [gens[r] for r in rows] if gens else None, pad)
         if on_token is not None:
-            on_token(picks)
-        keep = []
-        for b, (r, t) in enumerate(zip(alive, picks)):
-            new[r].append(t)
-            seqs[r].append(t)
-            if t not in stop_set:
-                keep.append(b)
-        if not keep or step + 1 == s.max_new_tokens:
+            on_token([t for t, ok in zip(picks, live) if ok])
+        for b, (r, t) in enumerate(zip(rows, picks)):
+            if live[b]:
+                new[r].append(t)
+                if seqs:
+                    seqs[r].append(t)
+                live[b] = t not in stop_set
+        n_live = sum(live)
+        if not n_live or step + 1 == s.max_new_tokens:
             break
-        tokens = torch.tensor(picks, device=device)
-        if len(keep) < len(alive):  # cut finished rows out of the batch and its cache
+        tokens = torch.tensor(picks, device=device)[:, None]  # (B, 1)
+        if len(rows) - n_live >= max(1, len(rows) // CUT_SHARE):  # cut finished rows out of batch and cache
+            keep = [b for b, ok in enumerate(live) if ok]
             k = torch.tensor(keep, device=device)
             cache.batch_select_indices(k)
-            mask, tokens, next_pos = mask[k], tokens[k], next_pos[k]
-            alive = [alive[b] for b in keep]
+            full, tokens, next_pos = full[k], tokens[k], next_pos[k]
+            rows, live = [rows[b] for b in keep], [True] * len(keep)
             if names is not None:
-                mix = {"adapter_names": [names[r] for r in alive]}
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        logits = net(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                mix = {"adapter_names": [names[r] for r in rows]}
+        width += 1
+        logits = net(input_ids=tokens, attention_mask=full[:, :width], position_ids=next_pos,
                      past_key_values=cache, use_cache=True, **mix).logits[:, -1].float()
         next_pos = next_pos + 1
     return new
 
 
-def _pick(logits: torch.Tensor, seqs: list[list[int]], procs, gens) -> list[int]:
+def _pick(logits: torch.Tensor, live: list[bool], seqs, procs, gens, pad: int) -> list[int]:
     """Next token per row from (B, V) logits: argmax, or a draw after the processors, row by row
-    (each row sees only its own unpadded history, as it would alone)."""
+    (each row sees only its own unpadded history, as it would alone). Finished rows (live False)
+    still in the batch get `pad` without touching their generator."""
     if not procs and gens is None:
         return logits.argmax(-1).tolist()
     picks = []
-    for b, seq in enumerate(seqs):
+    for b in range(len(live)):
+        if not live[b]:
+            picks.append(pad)
+            continue
         scores = logits[b:b + 1]
-        ids = torch.tensor([seq], device=logits.device)
+        ids = torch.tensor([seqs[b]], device=logits.device) if seqs else None
         for p in procs:
             scores = p(ids, scores)
         if gens is None:
