@@ -107,3 +107,12 @@ def test_saved_config_writes_every_default_resolved(tmp_path):
     assert saved["train"]["micro_batch_tokens"] == 1024  # the CPU default, written out
     assert Config().resolved("cuda").train.micro_batch_tokens == 0
     assert build_config({}, ["train.micro_batch_tokens=512"]).resolved("cpu").train.micro_batch_tokens == 512
+
+
+def test_column_fields_are_every_formats_keys():
+    """config.COLUMN_FIELDS (what data.columns may map; config imports no data module) equals the
+    keys the data formats read."""
+    from slimtune.config import COLUMN_FIELDS
+    from slimtune.data.formats import SIGNATURES
+
+    assert sorted(COLUMN_FIELDS) == sorted({k for keys in SIGNATURES.values() for k in keys} | {"input", "context"})

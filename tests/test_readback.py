@@ -60,3 +60,32 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(tmp_path, tiny_di
     summary = train(build_config({}, args + ["train.resume=true"]), log.append)
     assert summary["after"]["eval_loss"] is not None
     assert json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_truncated_config_yaml_is_refused_not_half_read(tmp_path, tiny_dir):
+    """A cut-short config.yaml can still parse as YAML (with defaults where the rest was): the run's
+    end line is missing, so loading the run says so instead of training or evaluating on defaults."""
+    run = make_run(tmp_path, tiny_dir)
+    cfg_file = tmp_path / "run-lora" / "config.yaml"
+    text = cfg_file.read_text()
+    assert text.startswith("# slimtune run config") and text.rstrip().endswith("# end of slimtune run config")
+    cfg_file.write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")  # whole lines, valid YAML
+    with pytest.raises(SlimtuneError, match=r"config\.yaml is truncated"):
+        load_run(run)
+
+
+def test_damaged_rendering_cache_is_rendered_again(tmp_path, tokenizer, capsys):
+    from slimtune.data.preprocess import render_source
+    from slimtune.data.sources import data_cache, open_source
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(5)))
+    first = render_source(open_source(str(data)), tokenizer)
+    rows = [dict(r) for r in first.ds]
+    for arrow in (data_cache() / "rendered").rglob("*.arrow"):
+        truncate(arrow, 0.3)
+    again = render_source(open_source(str(data)), tokenizer)
+    assert [dict(r) for r in again.ds] == rows and not again.cached
+    assert "cannot be read" in capsys.readouterr().err

@@ -377,7 +377,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, f"{CONFIG_HEAD}\n{yaml.safe_dump(self.to_dict(), sort_keys=False)}{CONFIG_END}\n")
+
+
+CONFIG_HEAD = "# slimtune run config: the resolved settings of this run"
+CONFIG_END = "# end of slimtune run config"
+"""A run's config.yaml starts and ends with these lines: a file with the first and not the last was
+cut short (a truncated YAML file can still parse, with defaults where the rest was)."""
 
 
 COLUMN_FIELDS = ("completion", "context", "conversations", "input", "instruction", "messages", "output",

@@ -15,7 +15,7 @@ from pathlib import Path
 import peft
 import torch
 
-from .config import Config, ModelCfg, load_config
+from .config import CONFIG_END, CONFIG_HEAD, Config, ModelCfg, load_config
 from .errors import SlimtuneError
 from .machine import four_bit_support
 from .methods import adapters_disabled, method_of
@@ -63,7 +63,11 @@ def weights_digest(path: str | Path) -> str | None:
 
 
 def read_config(path: str | Path) -> Config:
-    """A run's resolved config.yaml as a Config."""
+    """A run's resolved config.yaml as a Config; a one-line error if it was cut short."""
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    if text.startswith(CONFIG_HEAD) and CONFIG_END not in text:
+        raise SlimtuneError(f"{path} is truncated (its last line is missing); restore it from a copy or "
+                            "train again (every setting of the run is in it)")
     return load_config(path)
 
 

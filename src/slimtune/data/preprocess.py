@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,9 +126,15 @@ def render_source(source: Source, tokenizer, fmt: str = "auto", columns: dict | 
     key = cache_key(source, reader, tokenizer, train_on, max_length, train_reasoning)
     final = data_cache() / "rendered" / key
     if cache and (final / "done").exists():
-        ds = _load(final)
-        _raise_first_error(ds)
-        return Rendered(ds, reader.format, reader.mapping, True, len(source))
+        try:
+            ds = _load(final)
+        except Exception as e:  # a cache: a damaged copy costs one rendering, never the run
+            print(f"note: the cached rendering {final} cannot be read ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:120]}); rendering again", file=sys.stderr)
+            shutil.rmtree(final, ignore_errors=True)
+        else:
+            _raise_first_error(ds)
+            return Rendered(ds, reader.format, reader.mapping, True, len(source))
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
