@@ -22,8 +22,13 @@ CHATS = [[{"role": "user", "content": t}] for t in TEXTS]
 
 def ending_model(tok, bias: float = 0.4):
     """A tiny model whose head leans towards end-of-turn, so answers end after 1 to 16 tokens."""
-    model = make_model(tok, hidden=64)
-    head = torch.nn.Linear(64, len(tok), bias=True)
+    return lean_to_end(make_model(tok, hidden=64), tok, bias)
+
+
+def lean_to_end(model, tok, bias: float = 0.4):
+    """`model` with a biased copy of its head: end-of-turn gets `bias` more logit."""
+    hidden = model.lm_head.weight.shape[1]
+    head = torch.nn.Linear(hidden, len(tok), bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()

@@ -69,13 +69,7 @@ def gpt2_ending(tok, bias: float = 0.4):
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         model.transformer.wpe.weight.mul_(20)  # positions matter
-    head = torch.nn.Linear(64, len(tok), bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tok.convert_tokens_to_ids("<|im_end|>")] = bias
-    model.lm_head = head
-    return model
+    return lean_to_end(model, tok, bias)
 
 
 SETTINGS = [GenSettings(max_new_tokens=16),
