@@ -15,7 +15,7 @@ What mlx-lm 0.32 needs that a transformers 5 folder does not say the way it read
 - its llama and qwen2 models read `rope_theta` / `rope_scaling` at the top of config.json and fall
   back to their own defaults (10,000 / 1,000,000) when transformers 5 nests them in
   `rope_parameters`: SmolLM2's 100,000 would silently become 10,000. They are lifted out.
-- it stops on config.json's `eos_token_id`: that becomes every stop id of the training template
+- it stops on `eos_token_id` (generation_config.json's over config.json's): both become every stop id of the training template
   (e.g. <|im_end|>, or <|eot_id|> for Llama 3 whose eos is another token).
 - its LoRA layer computes `linear(x) + scale * (x @ lora_a) @ lora_b` with lora_a (in, r) and
   lora_b (r, out), and its config holds `scale` itself (no alpha): PEFT's lora_A (r, in) and
@@ -180,8 +180,10 @@ def _hf_folder(model, tokenizer, dst: Path, stops: list[int]) -> None:
     """A plain float32 transformers folder with config.json as mlx-lm reads it."""
     model.to(torch.float32).save_pretrained(dst, safe_serialization=True)
     tokenizer.save_pretrained(dst)  # tokenizer files + chat_template.jinja: the training template
-    cfg_path = dst / "config.json"
+    cfg_path, gen_path = dst / "config.json", dst / "generation_config.json"
     cfg_path.write_text(json.dumps(mlx_config(json.loads(cfg_path.read_text()), stops), indent=2) + "\n")
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}  # mlx-lm prefers its eos_token_id
+    gen_path.write_text(json.dumps({**gen, "eos_token_id": mlx_config({}, stops)["eos_token_id"]}, indent=2) + "\n")
 
 
 def write_mlx_model(model, tokenizer, out: str | Path, kind: str = "f16", quantize: str | None = None,
