@@ -133,12 +133,15 @@ def check_traced(model, tokenizer, chats, stops, context: int, n_new: int) -> di
     module = StatefulLM(model, context).eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, (torch.zeros(1, 2, dtype=torch.int32), causal_mask(2, 5)))
-        ids = [render_prompt(c, tokenizer) for c in chats]
+        pairs = [(c, render_prompt(c, tokenizer)) for c in chats]
+        pairs = [(c, i) for c, i in pairs if len(i) + n_new <= context]  # prompts that fit the context
+        chats, ids = [c for c, _ in pairs], [i for _, i in pairs]
         ref = all_logits(model, ids[:1])[0]
         got = traced(torch.tensor([ids[0]], dtype=torch.int32), causal_mask(len(ids[0]), len(ids[0])))[0]
     answers = [torch_greedy(model, i, n_new, stops) for i in ids]
     equal = sum(stateful_greedy(traced, i, n_new, stops) == a for i, a in zip(ids, answers))
     return {"traced_max_abs_logit_diff": float((ref - got).abs().max()), "traced_greedy_equal": equal,
+            "traced_prompts": len(ids),
             "reference": [{"messages": c, "prompt_ids": i, "greedy_ids": a} for c, i, a in zip(chats, ids, answers)]}
 
 
