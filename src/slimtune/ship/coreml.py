@@ -36,7 +36,7 @@ from .coreml_model import StatefulLM, causal_mask, stateful_greedy
 ARCHS = ("llama", "qwen2", "qwen3")
 INPUTS, OUTPUT, STATES = ("inputIds", "causalMask"), "logits", ("keyCache", "valueCache")
 PACKAGE = "Model.mlpackage"
-TRACE_TOL = 1e-3  # traced module (fp16 KV cache) vs transformers, max |logit difference|
+TRACE_TOL = 1e-3  # traced module (float32 KV cache) vs transformers, max |logit difference|
 
 
 def function_name(context: int) -> str:
@@ -124,25 +124,29 @@ def prompt_format(tokenizer, stops: list[int]) -> dict:
 
 
 def check_traced(model, tokenizer, chats, stops, context: int, n_new: int) -> dict:
-    """The module that is converted, traced with fp16 caches, against transformers: logits on the
-    first prompt and greedy answers (the Swift loop's, in torch) on `chats`."""
+    """The module that is converted, traced, against transformers: logits on the first prompt with
+    float32 caches (the graph itself: must be ~0) and with fp16 caches as Core ML keeps them (the
+    cost of fp16 storage, reported); greedy answers (the Swift loop's, in torch) with fp16 caches."""
     from ..data.render import render_prompt
     from .merge import all_logits
     from .mlx import torch_greedy
 
-    module = StatefulLM(model, context).eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(module, (torch.zeros(1, 2, dtype=torch.int32), causal_mask(2, 5)))
-        pairs = [(c, render_prompt(c, tokenizer)) for c in chats]
-        pairs = [(c, i) for c, i in pairs if len(i) + n_new <= context]  # prompts that fit the context
-        chats, ids = [c for c, _ in pairs], [i for _, i in pairs]
-        ref = all_logits(model, ids[:1])[0]
-        got = traced(torch.tensor([ids[0]], dtype=torch.int32), causal_mask(len(ids[0]), len(ids[0])))[0]
+    pairs = [(c, render_prompt(c, tokenizer)) for c in chats]
+    pairs = [(c, i) for c, i in pairs if len(i) + n_new <= context]  # prompts that fit the context
+    chats, ids = [c for c, _ in pairs], [i for _, i in pairs]
+    ref = all_logits(model, ids[:1])[0]
+    res, traced = {}, None
+    for key, dtype in (("traced_max_abs_logit_diff", torch.float32), ("traced_fp16_cache_max_abs_logit_diff", torch.float16)):
+        with torch.no_grad():
+            traced = torch.jit.trace(StatefulLM(model, context, dtype).eval(),
+                                     (torch.zeros(1, 2, dtype=torch.int32), causal_mask(2, 5)))
+            got = traced(torch.tensor([ids[0]], dtype=torch.int32), causal_mask(len(ids[0]), len(ids[0])))[0]
+        res[key] = float((ref - got).abs().max())
     answers = [torch_greedy(model, i, n_new, stops) for i in ids]
-    equal = sum(stateful_greedy(traced, i, n_new, stops) == a for i, a in zip(ids, answers))
-    return {"traced_max_abs_logit_diff": float((ref - got).abs().max()), "traced_greedy_equal": equal,
-            "traced_prompts": len(ids),
-            "reference": [{"messages": c, "prompt_ids": i, "greedy_ids": a} for c, i, a in zip(chats, ids, answers)]}
+    res["traced_greedy_equal"] = sum(stateful_greedy(traced, i, n_new, stops) == a for i, a in zip(ids, answers))
+    res["traced_prompts"] = len(ids)
+    res["reference"] = [{"messages": c, "prompt_ids": i, "greedy_ids": a} for c, i, a in zip(chats, ids, answers)]
+    return res
 
 
 def copy_swift(dst: Path) -> None:
@@ -177,8 +181,9 @@ def export_coreml(run: str, out: str, contexts: list[int] | None = None, verify:
     chats = load_prompts("builtin:eval_prompts", n_prompts, m.cfg.data.system_prompt)
     if verify:
         res.update(check_traced(m.model, m.tokenizer, chats, stops, min(contexts), n_new))
-        log(f"traced stateful module vs transformers: max |logit difference| {res['traced_max_abs_logit_diff']:.2e}, "
-            f"greedy answers equal on {res['traced_greedy_equal']} of {len(chats)} prompts")
+        log(f"traced stateful module vs transformers: max |logit difference| {res['traced_max_abs_logit_diff']:.2e} "
+            f"(fp16 KV cache: {res['traced_fp16_cache_max_abs_logit_diff']:.2e}), greedy answers (fp16 cache) equal on "
+            f"{res['traced_greedy_equal']} of {res['traced_prompts']} prompts")
         if res["traced_max_abs_logit_diff"] > TRACE_TOL:
             raise SlimtuneError("the traced Core ML module does not compute the merged model "
                                 f"({res['traced_max_abs_logit_diff']:.2e}); please report this")
