@@ -32,6 +32,7 @@ import torch
 
 from ..errors import SlimtuneError
 from .coreml_model import StatefulLM, causal_mask, stateful_greedy
+from .mlx import open_permissions
 
 ARCHS = ("llama", "qwen2", "qwen3")
 INPUTS, OUTPUT, STATES = ("inputIds", "causalMask"), "logits", ("keyCache", "valueCache")
@@ -200,6 +201,7 @@ def export_coreml(run: str, out: str, contexts: list[int] | None = None, verify:
                                                             "stop_ids": stops, "answers": reference}) + "\n")
         copy_swift(tmp)
         (tmp / "README.md").write_text(readme(Path(str(run).rstrip("/")).name, contexts, fmt))
+    open_permissions(out)
     res["seconds_convert"] = round(time.time() - t0, 1)
     res.update(read_back(out_p / PACKAGE))
     res["bytes"] = sum(f.stat().st_size for f in (out_p / PACKAGE).rglob("*") if f.is_file())

@@ -221,6 +221,13 @@ def write_mlx_adapter(run: str | Path, out: str | Path, n_layers: int) -> dict:
     return config
 
 
+def open_permissions(out: str | Path) -> None:
+    """atomic_dir's mkdtemp makes the folder 0700: readable by others, as a model folder is."""
+    for f in Path(out).rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    Path(out).chmod(0o755)
+
+
 def check_supported(config, kind: str = "f16", quantize: str | None = None) -> None:
     if config.model_type not in ARCHS:
         raise SlimtuneError(f"MLX export supports the Llama family, Qwen2 and Qwen3; this model is "
@@ -301,6 +308,7 @@ def export_mlx(run: str, out: str, kind: str = "f16", quantize: str | None = Non
     else:
         write_mlx_model(m.model, m.tokenizer, out, kind, quantize)
         res.update(type=kind, quantize=quantize)
+    open_permissions(out)
     res["seconds_write"] = round(time.time() - t0, 1)
     res["bytes"] = sum(f.stat().st_size for f in out_p.rglob("*") if f.is_file())
     log(f"wrote {out} ({res['bytes'] / 2**20:.1f} MiB) in {res['seconds_write']} s")
