@@ -394,23 +394,40 @@ def cmd_merge(args):
 
 
 def add_export(sub):
-    p = sub.add_parser("export", help="merge a run and write one GGUF file (llama.cpp, Ollama, LM Studio)",
-                       description="Merge RUN (parity printed), write it as GGUF with its tokenizer and chat "
-                                   "template, write an Ollama Modelfile beside it, and check the file by "
-                                   "reading it back with transformers' GGUF loader (logit difference printed).")
+    p = sub.add_parser("export", help="merge a run and write it for another runtime: GGUF (llama.cpp, Ollama, "
+                                      "LM Studio), MLX (mlx-lm) or Core ML",
+                       description="Merge RUN (parity printed) and write it with its tokenizer and chat template: "
+                                   "gguf: one file plus an Ollama Modelfile, read back by transformers' GGUF loader; "
+                                   "mlx: an mlx-lm folder, loaded by mlx-lm and its greedy answers compared; "
+                                   "coreml: an .mlpackage (fp16, stateful KV cache) plus a Swift package and a README "
+                                   "(see docs/apple.md).")
     p.add_argument("run", help="run folder (or a merged / plain model folder)")
-    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--format", default="gguf", choices=["gguf", "mlx", "coreml"])
     p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
-                   help="weights: f32 (exact), f16 (default, half the size), q8_0 (a quarter)")
-    p.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile goes beside it)")
-    p.add_argument("--no-verify", action="store_true", help="skip reading the file back with transformers")
+                   help="weights: f32 (exact), f16 (default, half the size), q8_0 (gguf only); coreml is f16")
+    p.add_argument("--quantize", choices=["q4", "q8"], help="mlx: quantise with mlx-lm's own conversion")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="mlx, LoRA runs: the adapter alone, for mlx_lm.generate --adapter-path")
+    p.add_argument("--context", default="2048,4096", help="coreml: context lengths, one model function each")
+    p.add_argument("--out", required=True, help="gguf: the .gguf file (a Modelfile goes beside it); mlx, coreml: a folder")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the export back to check it")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args):
-    from .ship.gguf import export_gguf
-
-    res = export_gguf(args.run, args.out, args.type, verify=not args.no_verify)
+    if args.format != "mlx" and (args.quantize or args.adapter_only):
+        raise SlimtuneError("--quantize and --adapter-only are options of --format mlx")
+    if args.format == "mlx":
+        from .ship.mlx import export_mlx
+        res = export_mlx(args.run, args.out, args.type, args.quantize, args.adapter_only, verify=not args.no_verify)
+    elif args.format == "coreml":
+        from .ship.coreml import export_coreml
+        if args.type != "f16":
+            raise SlimtuneError("--format coreml writes fp16 weights (--type f16)")
+        res = export_coreml(args.run, args.out, [int(c) for c in args.context.split(",")], verify=not args.no_verify)
+    else:
+        from .ship.gguf import export_gguf
+        res = export_gguf(args.run, args.out, args.type, verify=not args.no_verify)
     print(json.dumps(res, indent=2))
 
 
