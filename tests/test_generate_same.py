@@ -4,7 +4,7 @@ grown by torch.cat, every finished row cut at once, autocast casting each weight
 
 import pytest
 import torch
-from test_generate_batched import CHATS, ending_model
+from test_generate_batched import CHATS, ending_model, lean_to_end
 from tiny import make_tokenizer
 
 from slimtune.data.render import render_prompt

@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("coremltools")
 pytestmark = pytest.mark.apple

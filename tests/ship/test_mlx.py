@@ -19,7 +19,7 @@ from tiny import make_model, make_qwen, make_tokenizer  # noqa: E402
 from slimtune.cli import main  # noqa: E402
 from slimtune.data.render import render_prompt  # noqa: E402
 from slimtune.errors import SlimtuneError  # noqa: E402
-from slimtune.generate import load_prompts  # noqa: E402
+from slimtune.data.prompts import load_prompts  # noqa: E402
 from slimtune.ship import mlx as ship_mlx  # noqa: E402
 from slimtune.ship.mlx import check_mlx, export_mlx, write_mlx_model  # noqa: E402
 

@@ -161,7 +161,8 @@ def export_coreml(run: str, out: str, contexts: list[int] | None = None, verify:
                   n_prompts: int = 4, n_new: int = 32, log=None) -> dict:
     """Merge RUN and write DIR (see the module note). Returns {out, bytes, weight_bytes, functions,
     seconds_convert, traced_max_abs_logit_diff, traced_greedy_equal, prompts, ...}."""
-    from ..generate import load_prompts, stop_ids
+    from ..data.prompts import load_prompts
+    from ..generate import stop_ids
     from ..utils import atomic_dir
     from .merge import merge_in_memory
 

@@ -326,7 +326,7 @@ def _four_bit(run) -> bool:
 
 
 def _verify(out: Path, m, adapter_only: bool, n_prompts, n_new: int, log) -> dict:
-    from ..generate import load_prompts
+    from ..data.prompts import load_prompts
 
     chats = load_prompts("builtin:eval_prompts", n_prompts, m.cfg.data.system_prompt)
     t0 = time.time()
