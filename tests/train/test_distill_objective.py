@@ -238,11 +238,38 @@ def test_a_short_run_distils_and_reports_the_teacher(tiny_dir, tmp_path):
     assert 0 <= after["eval_agreement"] <= 1 and s["last_train"]["ce"] is None
 
 
-def test_a_short_context_run(tiny_dir, tmp_path):
+def test_a_short_context_run_and_its_eval(tiny_dir, tmp_path, gen_cache):
+    from slimtune.evaluate.suite import evaluate_run, format_table
+
     data = _data(tmp_path / "d.jsonl")
     s = train(build_config({}, _args(tiny_dir, data, tmp_path / "run", **{"distill.teacher_system": SYSTEM})),
               log=lambda *_: None)
+    ev = evaluate_run(str(tmp_path / "run"), max_prompts=2, max_new_tokens=3, ifeval="", log=lambda *_: None)
+    h = ev["heldout"]
+    assert h["tuned"]["kl_teacher"] == pytest.approx(s["after"]["eval_kl_teacher"], rel=1e-3)
+    assert h["base"]["kl_teacher"] == pytest.approx(s["before"]["eval_kl_teacher"], rel=1e-3, abs=1e-6)
+    assert h["teacher"]["loss"] == pytest.approx(s["after"]["eval_teacher_loss"], rel=1e-4)
+    table = format_table(ev)
+    assert "KL(teacher || model)" in table and "teacher (the base with" in table
     before, after = s["before"], s["after"]
     assert before["eval_kl_teacher"] >= 0 and after["eval_kl_teacher"] >= 0
     assert before["eval_teacher_loss"] == pytest.approx(after["eval_teacher_loss"])  # the base, shown the context
     assert s["last_train"]["kl_teacher"] > 0
+
+
+def test_data_teacher_then_training_from_the_store(tiny_dir, tmp_path):
+    """`slimtune data teacher` writes the store for data.train; training reads it with no teacher
+    in memory; its held-out measures equal those of the same teacher in memory (the store covers
+    every example of the file, so the held-out split too) up to the top k's tail."""
+    from slimtune.cli import main
+
+    teacher = save_tiny(tmp_path / "teacher", "chatml", hidden=48, seed=1)
+    data = _data(tmp_path / "d.jsonl")
+    store = tmp_path / "store"
+    args = ["--set", f"model.name={tiny_dir}", "--set", "data.max_length=64"]
+    assert main(["data", "teacher", data, "--teacher", teacher, "--top-k", "5", "--out", str(store), *args]) == 0
+    assert json.loads((store / "manifest.json").read_text())["top_k"] == 5
+    s = train(build_config({}, _args(tiny_dir, data, tmp_path / "run", **{"distill.teacher_logprobs": str(store)})),
+              log=lambda *_: None)
+    assert s["before"]["eval_teacher_loss"] is None  # a stored top k has no log-prob for every target
+    assert s["after"]["eval_kl_teacher"] >= 0 and s["last_train"]["kl_teacher"] > 0
