@@ -251,7 +251,7 @@ class DistillCfg:
     distributions renormalised over the k ids (renorm); losses/distill.py."""
     on_policy: float = 0.0
     """Share of batches (0-1) whose answers the student generates for the batch's prompts (GKD's
-    lambda), scored by the teacher; generation settings from eval.*. 0: the data's answers only."""
+    lambda), scored by the teacher. Not implemented yet: only 0 (the data's answers) is accepted."""
     teacher_dtype: str = "auto"
     """auto: bfloat16 where the device computes it natively (machine.bf16_supported), else the
     student's dtype; or float32, bfloat16, float16, 4bit (NF4, CUDA only)."""
@@ -273,9 +273,9 @@ class DistillCfg:
             raise ConfigError(f"distill: set one teacher, not {' and '.join(modes)} (teacher: a model; "
                               "teacher_logprobs: a stored top k; teacher_system / teacher_prefix: the base "
                               "shown a context)")
-        if self.on_policy and self.teacher_logprobs:
-            raise ConfigError("distill.on_policy needs a teacher that can score new answers; a stored "
-                              "teacher_logprobs cannot: set distill.teacher, or on_policy=0")
+        if self.on_policy:  # the loop's begin_step hook is where it goes (train/objectives/base.py)
+            raise ConfigError("distill.on_policy > 0 (GKD's on-policy batches) is not implemented yet; "
+                              "set distill.on_policy=0")
 
     def mode_set(self, mode: str) -> bool:
         return bool(self.teacher_system or self.teacher_prefix) if mode == "context" else bool(getattr(self, mode))
