@@ -121,6 +121,21 @@ def add_data(sub):
     pr.set_defaults(func=cmd_data_pairs)
 
 
+    te = dsub.add_parser("teacher", help="store a teacher's top-k log-probs at every trained token (distill.teacher_logprobs)",
+                         description="Render FILE as training will (the config's model, template and data settings), run "
+                                     "the teacher once, and write its top-k log-probs at every trained position to DIR: "
+                                     "Arrow shards, resumable, keyed by the data's and the teacher's hashes. Train with "
+                                     "loss.objective=distill distill.teacher_logprobs=DIR and data.train=FILE.")
+    te.add_argument("file", help=SOURCES)
+    te.add_argument("--teacher", required=True, help="model id, folder, .gguf or run folder (its adapter merged)")
+    te.add_argument("--top-k", type=int, required=True, help="ids stored per position")
+    te.add_argument("--out", required=True, help="the store's folder (an unfinished one is resumed)")
+    te.add_argument("-c", "--config", help="the training config whose model and data settings render FILE")
+    te.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override, e.g. --set distill.temperature=2 (repeatable)")
+    te.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default 8)")
+    te.set_defaults(func=cmd_data_teacher)
+
     ng = dsub.add_parser("neg-guard", help="prompts that tempt stray chat tags and role names, with clean answers")
     ng.add_argument("--limit", type=int, help="a seeded sample of N pairs (default: all)")
     ng.add_argument("--seed", type=int, default=0)
@@ -224,6 +239,27 @@ def cmd_data_neg_guard(args):
     chats = neg_guard(args.limit, args.seed)
     write_chats(chats, args.out)
     print(f"wrote {len(chats)} chats to {args.out}")
+
+
+def cmd_data_teacher(args):
+    from .config import load_config
+    from .data.prepare import examples, render
+    from .machine import pick_device
+    from .models import load_tokenizer
+    from .teacher import hash_rows, hash_teacher, load_teacher, teacher_dtype, write_teacher_logprobs
+
+    cfg = load_config(args.config, [*args.set, f"data.train={args.file}"])
+    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.chat_template)
+    rows = examples(render(args.file, cfg.data, tok, cfg.train.seed), source=args.file)[0]
+    device = pick_device(cfg.train.device)
+    dtype = teacher_dtype(cfg.distill.teacher_dtype, device, cfg.model.dtype)
+    teacher = load_teacher(args.teacher, tok, device, dtype)
+    manifest = write_teacher_logprobs(rows, teacher, args.out, args.top_k, hash_rows(rows),
+                                      hash_teacher(args.teacher, dtype=dtype), temperature=cfg.distill.temperature,
+                                      batch_size=args.batch_size, chunk_size=cfg.loss.chunk_size,
+                                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"wrote the top {args.top_k} log-probs of {args.teacher} ({dtype}) at {sum(s['trained'] for s in manifest['shards']):,} "
+          f"trained positions of {len(rows)} examples to {args.out}")
 
 
 def cmd_data_pairs(args):

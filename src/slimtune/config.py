@@ -44,6 +44,8 @@ DEFAULT_MODEL = "smollm2-135m"
 CHUNK_SIZE = 1024
 """Rows of the output layer's logits computed at once in the chunked losses (loss.chunk_size)."""
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DISTILL_TAILS = ("bucket", "renorm")
+TEACHER_DTYPES = ("auto", "4bit") + WEIGHT_DTYPES
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
@@ -159,9 +161,9 @@ class MethodCfg:
 @dataclass
 class LossCfg:
     objective: str = "sft"
-    """What training minimises (train/objectives.py): sft (with kl_lambda > 0: KL-anchored SFT), or
-    a preference objective: dpo, ipo, orpo, simpo ({prompt, chosen, rejected} rows) or kto
-    ({prompt, completion, label} rows, or pairs)."""
+    """What training minimises (train/objectives/): sft (with kl_lambda > 0: KL-anchored SFT), distill
+    (from a teacher: the distill section), or a preference objective: dpo, ipo, orpo, simpo
+    ({prompt, chosen, rejected} rows) or kto ({prompt, completion, label} rows, or pairs)."""
     kl_lambda: float = 0.0
     """Weight of KL to the base model; 0 is plain SFT."""
     kl_warmup_steps: int = 0
@@ -212,6 +214,79 @@ class LossCfg:
             raise ConfigError("loss.kl_lambda must be >= 0 and loss.kl_temperature > 0")
         if not 0 < self.jsd_beta < 1:
             raise ConfigError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+
+
+@dataclass
+class DistillCfg:
+    """loss.objective=distill: the teacher and how the student follows it (train/objectives/distill.py).
+
+    The teacher is one of: `teacher` (a model in memory), `teacher_logprobs` (a stored top k,
+    `slimtune data teacher`), or `teacher_system` / `teacher_prefix` (the base model itself, shown
+    that context: context distillation). loss = alpha CE + (1 - alpha) tau^2 D(teacher || student)
+    per trained token."""
+
+    teacher: str | None = None
+    """The teacher: a hub id, model folder, .gguf, or a run folder (its adapter merged in memory).
+    It must share the student's vocabulary (refused otherwise, naming the first differing token)."""
+    teacher_logprobs: str | None = None
+    """A folder `slimtune data teacher` wrote for data.train: the teacher's top-k log-probs at every
+    trained position; no teacher in memory. Written at distill.temperature."""
+    teacher_system: str | None = None
+    """Context distillation: the base model (adapters off) seeing this system prompt is the teacher
+    (put before the chat's own system turn, if any); the student sees the chat without it."""
+    teacher_prefix: str | None = None
+    """Context distillation: text the teacher sees before the first user message (few-shot examples,
+    a style guide); the student does not."""
+    alpha: float = 0.5
+    """Weight of the student's CE on the data's tokens; 1 - alpha weighs the divergence to the teacher
+    (0: pure distillation, as TRL's GKD)."""
+    direction: str = "forward"
+    """forward KL(teacher || student), reverse KL(student || teacher), or jsd (generalised, jsd_beta)."""
+    temperature: float = 1.0
+    """Softmax temperature tau of both models in the divergence (which is multiplied by tau^2)."""
+    jsd_beta: float = 0.5
+    """jsd: the teacher's weight in the mixture m = beta p + (1 - beta) q (TRL GKD's beta)."""
+    top_k: int | None = None
+    """Stored teacher: the ids per position training reads, the store's first (likeliest) top_k.
+    Empty: all the store holds."""
+    tail: str = "bucket"
+    """Stored teacher: the mass beyond the top k as one extra category (bucket) or dropped with both
+    distributions renormalised over the k ids (renorm); losses/distill.py."""
+    on_policy: float = 0.0
+    """Share of batches (0-1) whose answers the student generates for the batch's prompts (GKD's
+    lambda), scored by the teacher. Not implemented yet: only 0 (the data's answers) is accepted."""
+    teacher_dtype: str = "auto"
+    """auto: bfloat16 where the device computes it natively (machine.bf16_supported), else the
+    student's dtype; or float32, bfloat16, float16, 4bit (NF4, CUDA only)."""
+
+    def __post_init__(self):
+        _choice("distill.direction", self.direction, KL_DIRECTIONS)
+        _choice("distill.tail", self.tail, DISTILL_TAILS)
+        _choice("distill.teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        if not 0 <= self.alpha <= 1 or not 0 <= self.on_policy <= 1:
+            raise ConfigError("distill.alpha and distill.on_policy must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.jsd_beta < 1:
+            raise ConfigError(f"distill.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distill.top_k must be >= 1, got {self.top_k}")
+        modes = [m for m in ("teacher", "teacher_logprobs", "context") if self.mode_set(m)]
+        if len(modes) > 1:
+            raise ConfigError(f"distill: set one teacher, not {' and '.join(modes)} (teacher: a model; "
+                              "teacher_logprobs: a stored top k; teacher_system / teacher_prefix: the base "
+                              "shown a context)")
+        if self.on_policy:  # the loop's begin_step hook is where it goes (train/objectives/base.py)
+            raise ConfigError("distill.on_policy > 0 (GKD's on-policy batches) is not implemented yet; "
+                              "set distill.on_policy=0")
+
+    def mode_set(self, mode: str) -> bool:
+        return bool(self.teacher_system or self.teacher_prefix) if mode == "context" else bool(getattr(self, mode))
+
+    @property
+    def mode(self) -> str | None:
+        """teacher, teacher_logprobs, context, or None (no teacher configured)."""
+        return next((m for m in ("teacher", "teacher_logprobs", "context") if self.mode_set(m)), None)
 
 
 @dataclass
@@ -345,6 +420,7 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
     loss: LossCfg = field(default_factory=LossCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
@@ -357,6 +433,10 @@ class Config:
         if self.data.packing and not spec_for(self.loss.objective, self.loss.kl_lambda).packable:
             raise ConfigError(f"data.packing does not work with loss.objective={self.loss.objective}; "
                               "set data.packing=false")
+        if self.loss.objective == "distill" and self.distill.mode is None:
+            raise ConfigError("loss.objective=distill needs a teacher: distill.teacher (a model or run folder), "
+                              "distill.teacher_logprobs (a folder from `slimtune data teacher`), or "
+                              "distill.teacher_system / distill.teacher_prefix (context distillation)")
 
     def resolved(self, device: str, native_bf16: bool = False, four_bit: bool = False) -> Config:
         """A copy with the defaults that depend on the device filled in (what config.yaml records).

@@ -8,6 +8,7 @@
     orpo     paired                                 paired     no        none       preference
     simpo    paired                                 paired     no        none       preference
     kto      kto                                    unpaired   no        base       preference
+    distill  distill                                chats      no        teacher    distill
 
 Everything outside an objective's own module reads these fields, never its name or class: config
 validates names and packing, data reads the row kind, the loop and `slimtune eval` pick the
@@ -31,10 +32,12 @@ class ObjectiveSpec:
     packable: bool
     """Rows may be packed into one sequence (data.packing)."""
     reference: str
-    """none, or base: the base model's outputs (adapters off, or a frozen copy for full FT)."""
+    """none; base: the base model's outputs (adapters off, or a frozen copy for full FT); teacher:
+    another model's (or the base's, shown a context) or a stored teacher's (the distill section)."""
     evaluation: str
     """heldout: loss, perplexity and KL on held-out chats (base states cached on disk);
-    preference: held-out preference accuracy and rewards."""
+    preference: held-out preference accuracy and rewards; distill: held-out CE of student and
+    teacher, KL(teacher || student) and greedy next-token agreement."""
     generates: bool = False
     """Its training rows are made during each step from the current model (`begin_step`: sampled
     completions); the loop then counts the step's units after that, over all processes."""
@@ -48,6 +51,8 @@ SPECS: dict[str, ObjectiveSpec] = {s.name: s for s in (
     ObjectiveSpec("orpo", "paired", "paired", False, "none", "preference"),
     ObjectiveSpec("simpo", "paired", "paired", False, "none", "preference"),
     ObjectiveSpec("kto", "kto", "unpaired", False, "base", "preference"),
+    # not packable: a stored teacher is found by row, a context teacher's rows are rendered apart
+    ObjectiveSpec("distill", "distill", "chats", False, "teacher", "distill"),
 )}
 
 CONFIG_NAMES = tuple(n for n in SPECS if n != "kl_sft")

@@ -106,6 +106,43 @@ def trained_counts(rows: list[dict]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# a teacher in memory
+
+
+def teacher_dtype(want: str, device: str, student_dtype: str) -> str:
+    """distill.teacher_dtype resolved: auto is bfloat16 where the device computes it natively
+    (machine.bf16_supported), else the student's dtype; 4bit only where NF4 runs on CUDA."""
+    from .machine import bf16_supported
+
+    if want == "4bit" and not str(device).startswith("cuda"):
+        raise ConfigError(f"distill.teacher_dtype=4bit needs CUDA (bitsandbytes NF4), this run is on {device}; "
+                          "use auto, bfloat16 or float32")
+    if want != "auto":
+        return want
+    return "bfloat16" if bf16_supported(str(device)) else student_dtype
+
+
+def load_teacher(source: str, student_tokenizer, device: str, dtype: str = "float32"):
+    """The teacher model for distillation: eval mode, no grad, on `device` in `dtype` (a
+    `teacher_dtype` answer). A run folder loads onto its base with the adapter merged in memory.
+    Raises ConfigError unless its vocabulary is the student's (check_vocab)."""
+    from .models import load_model, load_tokenizer
+    from .runfolder import load_run, run_kind
+
+    if dtype == "4bit":
+        if run_kind(source) is not None:
+            raise ConfigError("distill.teacher_dtype=4bit loads a model, not a run folder: merge the run first "
+                              "(slimtune merge) or use bfloat16")
+        model, tok = load_model(source, quantize_4bit=True, device=device), load_tokenizer(source)
+    else:
+        model, tok, _ = load_run(source, dtype, device)
+        if hasattr(model, "merge_and_unload"):  # a run's adapter, folded into its base once
+            model = model.merge_and_unload()
+    check_vocab(student_tokenizer, tok)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
 # the manifest (torch-free)
 
 

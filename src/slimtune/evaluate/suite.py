@@ -166,6 +166,50 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
     return heldout, general
 
 
+DISTILL_KEYS = ("kl_teacher", "agreement")
+
+
+def distill_heldout(pair, data: str | None, n_max: int | None, log) -> tuple[dict, list[dict]]:
+    """A distillation run's held-out chats: the base, the student (tuned) and the teacher side by
+    side: CE and perplexity, KL(teacher || model) and greedy next-token agreement with the teacher.
+    Returns (heldout section, general-prompt examples still to measure)."""
+    import copy
+
+    from ..data.formats import load_chats
+    from ..data.tools import render_all
+    from ..runfolder import as_base
+    from ..train.objectives import make_objective
+
+    model, tok, cfg, ref = pair.model, pair.tok, pair.cfg, pair.ref
+    if data:  # every chat of the file, rendered as the run's data (and context) settings say
+        cfg = copy.deepcopy(cfg)
+        cfg.data.train, cfg.data.val, cfg.data.val_fraction, cfg.data.max_examples = data, None, 0.0, None
+    obj = make_objective(cfg)
+    try:
+        prepared = obj.prepare_data(tok, cfg.train.seed)
+    except SlimtuneError as e:
+        raise SlimtuneError(f"cannot rebuild the run's held-out chats (data.train={cfg.data.train}): {e}") from None
+    rows = prepared.train if data else prepared.val
+    source = data or cfg.data.val or f"{cfg.data.train} (held-out split, val_fraction={cfg.data.val_fraction})"
+    log(f"held-out distillation metrics on {len(rows[:n_max] if n_max else rows)} chats (student, base, teacher) ...")
+    cache: dict = {}  # the teacher's states: computed on the first pass, reused by the second
+    bs = cfg.eval.batch_size
+    tuned = obj.evaluate(model, rows, tok.pad_token_id, bs, ref_model=ref, max_examples=n_max, ref_cache=cache)
+    with as_base(model, ref) as base:
+        base_m = obj.evaluate(base, rows, tok.pad_token_id, bs, ref_model=ref, max_examples=n_max, ref_cache=cache)
+    pick = (lambda ev: {"loss": ev.get("eval_loss"), "ppl": ev.get("eval_ppl"),
+                        **{k: ev.get(f"eval_{k}") for k in DISTILL_KEYS}})
+    heldout = {"data": source, "examples": len(rows[:n_max] if n_max else rows), "objective": obj.name,
+               "base": pick(base_m), "tuned": pick(tuned),
+               "teacher": {"loss": tuned.get("eval_teacher_loss"), "ppl": tuned.get("eval_teacher_ppl"),
+                           "what": cfg.distill.teacher or cfg.distill.teacher_logprobs or "the base with distill.teacher_system / teacher_prefix"}}
+    general = []
+    if cfg.data.general_prompts:
+        general, _ = render_all(load_chats(cfg.data.general_prompts), tok, source=cfg.data.general_prompts,
+                                train_on=cfg.data.train_on, max_length=cfg.data.max_length)
+    return heldout, general
+
+
 def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, out: str | None = None,
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
@@ -208,6 +252,9 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
 
     if not with_heldout:
         examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
+    elif spec_for(cfg.loss.objective, cfg.loss.kl_lambda).evaluation == "distill":
+        heldout, general = distill_heldout(pair, data, n_max, log)
+        examples = []
     elif spec_for(cfg.loss.objective, cfg.loss.kl_lambda).evaluation == "preference":
         heldout, general = preference_heldout(pair, data, n_max, log, dtype, reuse)
         examples = []
@@ -326,6 +373,8 @@ ROWS = [  # (label, section, key, format)
     ("preference margin (nats/token)", "heldout", "pref_margin", "{:+.3f}"),
     ("reward accuracy (vs base)", "heldout", "accuracy", "{:.0%}"),
     ("reward margin", "heldout", "margin", "{:+.4f}"),
+    ("KL(teacher || model), held-out", "heldout", "kl_teacher", "{:.4g}"),
+    ("greedy next token = the teacher's", "heldout", "agreement", "{:.1%}"),
     ("KL to base, held-out", "heldout", "kl_to_base", "{:.4g}"),
     ("KL to base, general prompts", "heldout", "general_kl", "{:.4g}"),
     ("answers with lists", "style", "list_share", "{:.0%}"),
@@ -374,8 +423,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
             if not judge:
                 continue
             vals = (judge["base_win_rate"], judge["tuned_win_rate"])
-        if key in PREF_KEYS[1:] and all(v is None for v in vals):
-            continue  # preference rows only for preference runs
+        if key in PREF_KEYS[1:] + DISTILL_KEYS and all(v is None for v in vals):
+            continue  # preference rows only for preference runs, teacher rows for distillation
         if section != "style" or any(v is not None for v in vals):  # older eval.json: no repetition keys
             rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
         if section == "judge" and judge.get("unread_share"):  # they count as ties: say how many
@@ -401,6 +450,11 @@ def format_table(result: dict) -> str:
                 if result["heldout"].get("from_training") else ""),
              "", f"{'metric':<44}{'base':>10}{'tuned':>10}", "-" * 64]
     lines += [f"{label:<44}{b:>10}{t:>10}" for label, b, t in table_rows(result)]
+    teacher = result["heldout"].get("teacher")
+    if teacher:  # distillation: the teacher's own column, beside base and tuned
+        fmt = (lambda v, spec: "-" if v is None else spec.format(v))
+        lines += [f"teacher ({teacher['what']}): held-out loss {fmt(teacher['loss'], '{:.4f}')}, "
+                  f"perplexity {fmt(teacher['ppl'], '{:.2f}')}"]
     if result.get("seconds") is not None:
         lines += ["", f"took {result['seconds']:.1f} s"]
     return "\n".join(lines)

@@ -184,3 +184,42 @@ def _check(hidden, weight, targets, ids, logps, alpha, temperature, direction, b
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0 or chunk < 1:
         raise ValueError("temperature must be > 0 and chunk_size >= 1")
+
+
+@torch.no_grad()
+def agreement_sums(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Tensor | None = None,
+                   ref_weight: Tensor | None = None, *, teacher_ids: Tensor | None = None,
+                   teacher_logps: Tensor | None = None, bias: Tensor | None = None, ref_bias: Tensor | None = None,
+                   logit_scale: float | None = None, logit_softcap: float | None = None,
+                   chunk_size: int = 1024) -> dict[str, float]:
+    """Held-out measures of a student against its teacher, as sums over the N rows (tau = 1):
+
+        ce          student CE of the targets (rows with target -100 add 0)
+        teacher_ce  the teacher's CE (None from a stored top k: a target outside it has no log-prob)
+        kl          KL(teacher || student), full vocabulary; stored: over the top k + one tail bucket
+        agree       rows where both models' most likely next token is the same
+    hidden / ref_hidden: (N, H) student / teacher final hidden states at the same positions,
+    weight / ref_weight: (V, H); or teacher_ids / teacher_logps (N, K) from a store (its
+    temperature). Chunks of `chunk_size` rows: never (N, V) logits.
+    """
+    transform = (logit_scale, logit_softcap)
+    out = {"ce": 0.0, "teacher_ce": None if ref_hidden is None else 0.0, "kl": 0.0, "agree": 0.0,
+           "n": float(hidden.shape[0])}
+    for s in range(0, hidden.shape[0], chunk_size):
+        t = targets[s:s + chunk_size].to(hidden.device)
+        valid, tgt = t != IGNORE, t.clamp_min(0)[:, None]
+        logq = project(hidden[s:s + chunk_size], weight, bias, transform).log_softmax(-1)   # (c, V)
+        out["ce"] -= float((logq.gather(1, tgt).squeeze(1) * valid).sum())
+        if ref_hidden is None:
+            ids = teacher_ids[s:s + chunk_size].to(hidden.device, torch.long)
+            cat_p, cat_q, _ = _categories(logq, ids, teacher_logps[s:s + chunk_size].to(hidden.device), "bucket")
+            top = ids[:, 0]
+        else:
+            rw = weight if ref_weight is None else ref_weight
+            cat_p = project(ref_hidden[s:s + chunk_size], rw, ref_bias, transform).log_softmax(-1)
+            cat_q = logq
+            out["teacher_ce"] -= float((cat_p.gather(1, tgt).squeeze(1) * valid).sum())
+            top = cat_p.argmax(-1)
+        out["kl"] += float(kl_terms(cat_p, cat_q, "forward", 0.5, False)[0].sum())
+        out["agree"] += float((logq.argmax(-1) == top).sum())
+    return out

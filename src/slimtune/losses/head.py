@@ -13,16 +13,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Tensor | None = None) -> None:
-    """hidden (N, H), weight (V, H), targets (N,), ref_hidden (N, H) or None; ValueError otherwise."""
+def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Tensor | None = None,
+                 ref_weight: Tensor | None = None) -> None:
+    """hidden (N, H), weight (V, H), targets (N,); ref_hidden (N, H_ref) with ref_weight (V, H_ref)
+    (a teacher of another width brings its own output matrix; H_ref = H without one). ValueError
+    otherwise."""
     n = hidden.shape[0]
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     if targets.shape != (n,):
         raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
-    if ref_hidden is not None and ref_hidden.shape != hidden.shape:
-        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must match hidden {tuple(hidden.shape)}")
+    ref_h = hidden.shape[1] if ref_weight is None else ref_weight.shape[1]
+    if ref_hidden is not None and ref_hidden.shape != (n, ref_h):
+        raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} must be ({n}, {ref_h}): a row per row of hidden, "
+                         "as wide as ref_weight (or hidden)")
+    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has {ref_weight.shape[0]} rows, weight {weight.shape[0]}: one vocabulary")
 
 
 def project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):

@@ -80,7 +80,8 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
 
     hidden: (N, H) tuned final hidden states (fp32 or bf16); weight: (V, H), bias: (V,) or None.
     targets: (N,) long, -100 = no CE on that row. ref_hidden: (N, H) base hidden states (treated as
-    constant); ref_weight defaults to `weight` (and then ref_bias to `bias`). kl_mask: (N,) bool,
+    constant; a teacher of another width: (N, H_ref) with its own ref_weight (V, H_ref)); ref_weight
+    defaults to `weight` (and then ref_bias to `bias`). kl_mask: (N,) bool,
     rows that get KL, default `targets != -100`. normaliser: divides CE and KL sums, default the
     number of CE rows (pass the whole accumulated batch's count for gradient accumulation).
     Softmax math is fp32 in chunks of `chunk_size` rows; grads come back in the input dtypes.
@@ -91,7 +92,7 @@ def chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tenso
     logit_softcap) (Gemma 2); both apply to the base's logits too.
     Peak extra memory: a few (chunk_size, V) fp32 buffers (+ a (V, H) fp32 grad if weight trains).
     """
-    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
+    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size, ref_weight)
     targets = targets.to(hidden.device)
     n_ce = int((targets != IGNORE).sum())
     if ref_hidden is None:
@@ -121,7 +122,7 @@ def reference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
                    logit_softcap: float | None = None, logit_scale: float | None = None) -> LossOut:
     """The naive path: full (N, V) logits and plain autograd. Same arguments and result as
     `chunked_loss` (chunk_size is ignored); used by tests and benchmarks."""
-    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size)
+    _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk_size, ref_weight)
     targets = targets.to(hidden.device)
     n_ce = int((targets != IGNORE).sum())
     norm = float(normaliser) if normaliser is not None else float(max(n_ce, 1))
@@ -240,8 +241,8 @@ def kl_terms(logp: Tensor, logq: Tensor, direction: str, beta: float, want_grad:
     return kl, grad
 
 
-def _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk):
-    check_shapes(hidden, weight, targets, ref_hidden)
+def _check(hidden, weight, targets, ref_hidden, kl_mask, direction, jsd_beta, temperature, chunk, ref_weight=None):
+    check_shapes(hidden, weight, targets, ref_hidden, ref_weight)
     n = hidden.shape[0]
     if kl_mask is not None and (kl_mask.shape != (n,) or kl_mask.dtype != torch.bool):
         raise ValueError(f"kl_mask must be a ({n},) bool tensor")

@@ -1,0 +1,226 @@
+"""Distillation: the student's CE on the data plus a divergence to a teacher, at the trained tokens.
+
+    loss = (alpha sum_i CE_i + (1 - alpha) tau^2 sum_i D(teacher_i || student_i)) / N
+
+over the N trained target tokens of the step; D is forward KL, reverse KL or JSD (the distill
+section of the config). The teacher, one of:
+
+    distill.teacher           another model in memory (eval mode, no grad, its cheapest dtype)
+    distill.teacher_logprobs  its top k stored by `slimtune data teacher`: no teacher in memory
+    distill.teacher_system /  the base (adapters off, or the frozen copy of a full fine-tune)
+    distill.teacher_prefix    shown a context the student does not see (data/context.py)
+
+A teacher in memory goes through the KL-SFT path: its final hidden states at the trained
+positions are the reference of `losses.chunked_loss`, projected by its own output layer chunk by
+chunk (losses/distill.py says how alpha maps onto kl_lambda). The stored teacher uses
+`losses.distill.topk_distill_loss`. No (N, V) logits exist for a batch in either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...data.batching import collate, count_trained, length_grouped_batches
+from ...data.render import IGNORE
+from ...errors import ConfigError, DataError
+from ...losses.distill import agreement_sums, topk_distill_loss
+from ...losses.sft import LossOut, chunked_loss
+from ..base_states import batch_key
+from ..forward import base_hidden, hidden_states, output_layer
+from .base import Objective, StepOut
+from .paired import eval_mode, to_device
+
+
+class Distill(Objective):
+    """loss.objective=distill; see the module docstring. One instance holds its teacher (loaded on
+    first use, on the student's device) or its store."""
+
+    name = "distill"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.dc = cfg.distill
+        self.tokenizer = None
+        self.teacher = None
+        """distill.teacher: the model, once loaded."""
+        self.store = None
+        """distill.teacher_logprobs: the opened store (teacher.TeacherLogprobs)."""
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_data(self, tokenizer, seed: int = 0, log=None):
+        """Chats as SFT renders them; context rows also as the teacher sees them; stored-teacher
+        rows carry `teacher_row`, their row in the store."""
+        from ...data.context import prepare_context
+        from ...data.prepare import prepare
+
+        self.tokenizer = tokenizer
+        if self.dc.mode == "context":
+            return prepare_context(self.cfg.data, tokenizer, self.dc.teacher_system, self.dc.teacher_prefix, seed, log)
+        data = prepare(self.cfg.data, tokenizer, seed, log=log)
+        if self.dc.mode == "teacher_logprobs":
+            self.attach_store(data.train, data.val, tokenizer, seed)
+        return data
+
+    def attach_store(self, train: list[dict], val: list[dict], tokenizer, seed: int = 0) -> None:
+        """Open distill.teacher_logprobs, written for every example of data.train (`slimtune data
+        teacher`), and mark each row with its store row, found by content (the split and
+        data.max_examples pick a subset). Held-out rows from another file get none."""
+        from ...data.prepare import examples, render
+        from ...teacher import hash_rows, read_teacher_logprobs
+
+        data = self.cfg.data
+        everything = examples(render(data.train, data, tokenizer, seed), source=data.train)[0]
+        self.store = read_teacher_logprobs(self.dc.teacher_logprobs, everything, hash_rows(everything))
+        if abs(self.store.temperature - self.dc.temperature) > 1e-9:
+            raise ConfigError(f"{self.dc.teacher_logprobs} holds log-probs at temperature {self.store.temperature}, "
+                              f"distill.temperature is {self.dc.temperature}: set it so, or write the store again")
+        if self.dc.top_k and self.dc.top_k > self.store.top_k:
+            raise ConfigError(f"distill.top_k={self.dc.top_k}, but {self.dc.teacher_logprobs} holds {self.store.top_k} "
+                              "ids per position")
+        where = {(tuple(r["input_ids"]), tuple(r["labels"])): i for i, r in enumerate(everything)}
+        for rows, required in ((train, True), (val, False)):
+            for r in rows:
+                i = where.get((tuple(r["input_ids"]), tuple(r["labels"])))
+                if i is None and required:
+                    raise DataError("a training example is not in the store: write it again for this data",
+                                    path=self.dc.teacher_logprobs)
+                if i is not None:
+                    r["teacher_row"] = i
+
+    def units(self, rows):
+        return count_trained(rows)
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """SFT's batch; context: plus the teacher's rows as teacher_input_ids, teacher_labels (and
+        teacher_attention_mask); stored: plus teacher_ids, teacher_logps (N, k), N = trained tokens."""
+        batch = collate(rows, pad_id)
+        if self.dc.mode == "context":
+            seen = collate([{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]} for r in rows], pad_id)
+            batch.update({f"teacher_{k}": v for k, v in seen.items()})
+        elif self.dc.mode == "teacher_logprobs" and all("teacher_row" in r for r in rows):
+            ids, logps = zip(*(self.store[r["teacher_row"]] for r in rows))
+            k = self.dc.top_k or self.store.top_k
+            batch["teacher_ids"], batch["teacher_logps"] = torch.cat(ids)[:, :k], torch.cat(logps)[:, :k]
+        return batch
+
+    # ------------------------------------------------------------------ the teacher
+
+    def teacher_model(self, model):
+        """distill.teacher, loaded once on the student's device (teacher.load_teacher)."""
+        if self.teacher is None:
+            from ...teacher import load_teacher, teacher_dtype
+
+            if self.tokenizer is None:
+                raise RuntimeError("prepare_data first: the teacher's vocabulary is checked against the student's")
+            device = str(next(model.parameters()).device)
+            dtype = teacher_dtype(self.dc.teacher_dtype, device, self.cfg.model.dtype)
+            teacher = load_teacher(self.dc.teacher, self.tokenizer, device, dtype)
+            mine, theirs = output_layer(model), output_layer(teacher)
+            if (mine.scale, mine.softcap) != (theirs.scale, theirs.softcap):
+                raise ConfigError(f"the teacher's logit transforms (scale {theirs.scale}, soft-cap {theirs.softcap}) "
+                                  f"differ from the student's ({mine.scale}, {mine.softcap}); choose a teacher of "
+                                  "the student's model family")
+            self.teacher = teacher
+        return self.teacher
+
+    def teacher_head(self, model, ref_model=None):
+        if self.dc.mode == "context":
+            return output_layer(ref_model if ref_model is not None else model)
+        return output_layer(self.teacher_model(model))
+
+    def teacher_states(self, model, batch: dict, ref_model=None) -> torch.Tensor:
+        """(N, H_teacher) the teacher's final hidden states at the student's N trained positions,
+        row-major (no grad). Context: the base reads the teacher's rows; the trained targets are the
+        same tokens in the same order (data/context.py), so row j of both lines up."""
+        if self.dc.mode == "context":
+            seen = {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
+            sel = seen["labels"][:, 1:] != IGNORE
+            return base_hidden(model, seen, ref_model)[:, :-1][sel]
+        teacher = self.teacher_model(model)
+        return base_hidden(teacher, batch, teacher)[:, :-1][batch["labels"][:, 1:] != IGNORE]
+
+    # ------------------------------------------------------------------ the loss
+
+    def loss(self, model, batch: dict, normaliser: float, ref_model=None) -> LossOut:
+        """alpha CE + (1 - alpha) tau^2 D over the batch's trained tokens, divided by `normaliser`."""
+        dc, chunk = self.dc, self.cfg.loss.chunk_size
+        targets = batch["labels"][:, 1:]
+        sel = targets != IGNORE
+        if dc.mode == "teacher_logprobs":
+            h = hidden_states(model, batch)[:, :-1][sel]
+            head = output_layer(model)
+            return topk_distill_loss(h, head.weight, targets[sel], batch["teacher_ids"], batch["teacher_logps"],
+                                     alpha=dc.alpha, temperature=dc.temperature, direction=dc.direction,
+                                     jsd_beta=dc.jsd_beta, tail=dc.tail, chunk_size=chunk, normaliser=normaliser,
+                                     **head.kwargs())
+        ref_h = self.teacher_states(model, batch, ref_model)  # first, while no autograd graph is held
+        ref_head = self.teacher_head(model, ref_model)
+        h = hidden_states(model, batch)[:, :-1][sel]
+        head = output_layer(model)
+        t, a = targets[sel], dc.alpha
+        # (CE + (1 - a) / a D) / (n / a) = (a CE + (1 - a) D) / n; a = 0: no CE rows, D alone
+        return chunked_loss(h, head.weight, t if a > 0 else torch.full_like(t, IGNORE), ref_hidden=ref_h,
+                            ref_weight=ref_head.weight.detach(),
+                            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+                            kl_mask=torch.ones_like(t, dtype=torch.bool), kl_lambda=(1 - a) / a if a > 0 else 1.0,
+                            normaliser=normaliser / a if a > 0 else normaliser, temperature=dc.temperature,
+                            direction=dc.direction, jsd_beta=dc.jsd_beta, chunk_size=max(1, chunk // 2),
+                            **head.kwargs())
+
+    def __call__(self, model, batch, normaliser, step, ref_model=None):
+        out = self.loss(model, batch, normaliser, ref_model)
+        return StepOut(out.loss, {"loss": float(out.loss.detach()) * normaliser, "ce": float(out.ce_sum),
+                                  "kl": float(out.kl_sum)})
+
+    def summarize(self, sums, units, step):
+        n = max(units, 1.0)
+        return {"loss": sums["loss"] / n, "ce": sums["ce"] / n if self.dc.alpha > 0 else None,
+                "kl_teacher": sums["kl"] / n}
+
+    # ------------------------------------------------------------------ held-out
+
+    @torch.no_grad()
+    def evaluate(self, model, rows, pad_id, batch_size, ref_model=None, max_examples=None, kl=True, ref_cache=None):
+        """Held-out, per trained token at tau 1: the student's CE (eval_loss, eval_ppl), the
+        teacher's (eval_teacher_loss), KL(teacher || student) (eval_kl_teacher; a stored teacher:
+        over its top k + a tail bucket) and how often both pick the same next token greedily
+        (eval_agreement). `ref_cache`: the teacher's states per batch, computed once."""
+        rows = rows[:max_examples] if max_examples else rows
+        if self.dc.mode == "teacher_logprobs":
+            rows = [r for r in rows if "teacher_row" in r]  # held-out rows the store covers
+        if not rows:
+            return {}
+        cache = ref_cache if ref_cache is not None else {}
+        sums: dict[str, float | None] = {}
+        with eval_mode(model):
+            for idx in length_grouped_batches([len(r["input_ids"]) for r in rows], batch_size, seed=0):
+                batch = to_device(model, self.collate([rows[i] for i in idx], pad_id))
+                targets = batch["labels"][:, 1:]
+                sel = targets != IGNORE
+                if self.dc.mode == "teacher_logprobs":
+                    kw = dict(teacher_ids=batch["teacher_ids"], teacher_logps=batch["teacher_logps"])
+                else:
+                    key = batch_key(batch, "teacher")
+                    if key not in cache:
+                        cache[key] = self.teacher_states(model, batch, ref_model)
+                    th = self.teacher_head(model, ref_model)
+                    kw = dict(ref_hidden=cache[key], ref_weight=th.weight, ref_bias=th.bias)
+                h = hidden_states(model, batch)[:, :-1][sel]
+                head = output_layer(model)
+                got = agreement_sums(h, head.weight, targets[sel], bias=head.bias, logit_scale=head.scale,
+                                     logit_softcap=head.softcap, chunk_size=self.cfg.loss.chunk_size, **kw)
+                for k, v in got.items():
+                    sums[k] = None if v is None else (sums.get(k) or 0.0) + v
+        n = max(sums["n"], 1.0)
+        loss = sums["ce"] / n
+        teacher = None if sums["teacher_ce"] is None else sums["teacher_ce"] / n
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_teacher_loss": teacher,
+                "eval_teacher_ppl": None if teacher is None else math.exp(min(teacher, 50)),
+                "eval_kl_teacher": sums["kl"] / n, "eval_agreement": sums["agree"] / n, "eval_kl": None,
+                "eval_tokens": int(sums["n"])}
+
+
+OBJECTIVES = {Distill.name: Distill}
