@@ -31,7 +31,7 @@ N_CHATS = 96
 
 
 def make_chats(workdir: Path) -> dict:
-    from slimtune.data.formats import load_chats
+    from slimtune.data.reader import load_chats
     from slimtune.data.tools import write_chats
 
     chats = [c for c in load_chats("builtin:instructions") if len(c) == 2][:N_CHATS]
@@ -83,7 +83,7 @@ def run_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from slimtune.data.formats import load_chats
+    from slimtune.data.reader import load_chats
     from slimtune.methods import target_modules
     from slimtune.models import load_tokenizer
 

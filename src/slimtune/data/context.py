@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..config import DataCfg
 from ..errors import DataError
-from .formats import load_chats
+from .reader import load_chats
 from .prepare import Prepared, read_records
 from .render import IGNORE, render_chat
 from .tools import RenderStats, render_all, split

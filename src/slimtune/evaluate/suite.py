@@ -175,7 +175,7 @@ def distill_heldout(pair, data: str | None, n_max: int | None, log) -> tuple[dic
     Returns (heldout section, general-prompt examples still to measure)."""
     import copy
 
-    from ..data.formats import load_chats
+    from ..data.reader import load_chats
     from ..data.tools import render_all
     from ..runfolder import as_base
     from ..train.objectives import make_objective
