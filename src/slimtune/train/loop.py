@@ -425,6 +425,8 @@ def format_summary(s: dict) -> str:
         *([f"preference     held-out accuracy {f(b['eval_pref_accuracy'], 3)} -> {f(a['eval_pref_accuracy'], 3)}   "
            f"margin {f(b.get('eval_pref_margin'))} -> {f(a.get('eval_pref_margin'))}   "
            f"reward accuracy {f(a.get('eval_accuracy'), 3)}"] if "eval_pref_accuracy" in a else []),
+        *([f"reward         held-out mean {f(b.get('eval_reward'))} -> {f(a.get('eval_reward'))} (greedy)   "
+           f"length {f(b.get('eval_length'), 1)} -> {f(a.get('eval_length'), 1)} tokens"] if "eval_reward" in a else []),
         f"trainable      {p['trainable']:,} of {p['total']:,} parameters ({p['percent']:.3f}%)",
         f"speed          {t['trained_tokens_per_s']:,.0f} trained tokens/s, {t['train_s']:.0f} s training, "
         f"{t['total_s']:.0f} s total, peak RSS {t['peak_rss_mb']:,.0f} MiB",

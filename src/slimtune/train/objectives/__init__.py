@@ -4,15 +4,17 @@
     sft.py     sft, kl_sft
     paired.py  dpo, ipo, orpo, simpo (and `score`: completion log-probs in chunks)
     kto.py     kto
+    grpo.py    grpo (completions sampled each step, verifiable rewards)
 """
 
 from __future__ import annotations
 
 from ...specs import SPECS, spec_for
-from . import kto, paired, sft
+from . import grpo, kto, paired, sft
 from .base import Objective, StepOut
 
-OBJECTIVES: dict[str, type[Objective]] = {**sft.OBJECTIVES, **paired.OBJECTIVES, **kto.OBJECTIVES}
+OBJECTIVES: dict[str, type[Objective]] = {**sft.OBJECTIVES, **paired.OBJECTIVES, **kto.OBJECTIVES,
+                                      **grpo.OBJECTIVES}
 assert OBJECTIVES.keys() == SPECS.keys(), "every spec row has its objective, and no objective lacks a row"
 
 
