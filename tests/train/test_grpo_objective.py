@@ -208,3 +208,24 @@ def test_config_refuses_grpo_without_rewards_and_bad_knobs(tmp_path):
         build_config({}, ["grpo.loss_type=ppo"])
     with pytest.raises(ConfigError, match="num_generations"):
         build_config({}, ["grpo.num_generations=1"])
+
+
+def test_slimtune_eval_of_a_grpo_run_shows_rewards_and_instruction_following(data, tiny_dir, gen_cache):
+    from slimtune.evaluate.suite import evaluate_run, format_table
+    from slimtune.train.loop import train
+
+    summary = train(cfg_for(data, f"model.name={tiny_dir}", "data.val_fraction=0.34", "train.max_steps=2",
+                            "train.batch_size=2", "train.lr=1e-2", "train.progress=false", "eval.max_new_tokens=3",
+                            "eval.max_examples=2"), log=lambda *_: None)
+    assert summary["before"]["eval_reward"] is not None and summary["after"]["eval_reward"] is not None
+    res = evaluate_run(str(data / "run"), max_prompts=1, log=lambda m: None)
+    h = res["heldout"]
+    assert h["objective"] == "grpo" and h["examples"] == 2 and "from_training" in h
+    assert h["base"]["reward"] == pytest.approx(summary["before"]["eval_reward"])
+    assert res["ifeval"] is not None and res["ifeval"]["tuned"]["prompts"] > 0  # shown by default for RL runs
+    fresh = evaluate_run(str(data / "run"), max_prompts=1, log=lambda m: None, reuse=False, ifeval="",
+                         out=str(data / "b.json"))["heldout"]
+    for side in ("base", "tuned"):  # measured again: training's numbers (step 0 = the base)
+        assert fresh[side]["reward"] == pytest.approx(h[side]["reward"], abs=1e-6), side
+    table = format_table(res)
+    assert "held-out mean reward" in table and "IFEval prompts passed" in table

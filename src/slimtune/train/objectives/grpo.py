@@ -45,6 +45,14 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
+def _merging(net):
+    """`generate.merged`, unless the adapters are switched off (the base answering: nothing to merge)."""
+    from contextlib import nullcontext
+
+    off = any(getattr(m, "disable_adapters", False) is True for m in net.modules())
+    return nullcontext() if off else merged(net)
+
+
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
@@ -331,7 +339,7 @@ class GRPO(Objective):
         net = _unwrapped(model)
         settings = GenSettings(max_new_tokens=self.cfg.grpo.max_new_tokens,
                                autocast="bf16" if self.cfg.train.mixed_precision == "bf16" else "no")
-        with eval_mode(net), merged(net):
+        with eval_mode(net), _merging(net):
             answers = generate_many(net, self.tokenizer, [r["messages"] for r in rows], settings,
                                     self.cfg.eval.gen_batch_size)
         total, per = self.score(rows, answers)
