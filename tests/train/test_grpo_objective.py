@@ -229,3 +229,13 @@ def test_slimtune_eval_of_a_grpo_run_shows_rewards_and_instruction_following(dat
         assert fresh[side]["reward"] == pytest.approx(h[side]["reward"], abs=1e-6), side
     table = format_table(res)
     assert "held-out mean reward" in table and "IFEval prompts passed" in table
+
+
+def test_report_plots_rewards_and_signal(tmp_path):
+    from slimtune.evaluate.report import make_plots
+
+    rows = [{"step": 0, "eval_reward": 0.2}, {"step": 1, "loss": 0.0, "reward": 0.3, "no_signal": 0.5, "truncated": 0.2,
+                                              "clip_region": 0.0, "lr": 1e-4},
+            {"step": 2, "loss": 0.01, "reward": 0.4, "no_signal": 0.25, "truncated": 0.1, "clip_region": 0.01, "lr": 1e-4}]
+    made = make_plots(rows, tmp_path)
+    assert {"rl_reward", "rl_signal"} <= set(made)
