@@ -239,3 +239,17 @@ def test_report_plots_rewards_and_signal(tmp_path):
             {"step": 2, "loss": 0.01, "reward": 0.4, "no_signal": 0.25, "truncated": 0.1, "clip_region": 0.01, "lr": 1e-4}]
     made = make_plots(rows, tmp_path)
     assert {"rl_reward", "rl_signal"} <= set(made)
+
+
+def test_token_logps_entropy_equals_the_full_softmax_entropy():
+    from slimtune.losses.preference import token_logps
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(13, 8, generator=g), torch.randn(40, 8, generator=g)
+    t = torch.randint(40, (13,), generator=g)
+    lp = (h.double() @ w.double().T).log_softmax(-1)
+    want = -(lp.exp() * lp).sum(-1)
+    for chunk in (1, 4, 100):
+        got = token_logps(h, w, t, chunk_size=chunk, entropy=True).entropy
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert token_logps(h, w, t).entropy is None

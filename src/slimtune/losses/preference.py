@@ -115,8 +115,10 @@ class _TokenLogps(torch.autograd.Function):
             z, tanh = _project(hidden[s:e].detach(), w, b, tf)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
-            if want_ent:  # H = lse - sum_v p_v z_v
-                ent[s:e] = lse - (z.softmax(-1) * z).sum(-1)
+            if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer, the sum as a batched dot product
+                p = (z - lse[:, None]).exp_()
+                ent[s:e] = lse - torch.bmm(p[:, None, :], z[:, :, None]).view(-1)
+                del p
             if ref_hidden is not None:
                 rz, _ = _project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
                                  else ref_bias.detach(), tf)

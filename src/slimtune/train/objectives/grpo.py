@@ -237,10 +237,12 @@ class GRPO(Objective):
     def store_old_logps(self, model, rows: list[dict]) -> None:
         """rows[i]["old_logps"]: the policy's per-token log-probs now, before any update on them."""
         bs = max(1, self.cfg.eval.batch_size)
-        with eval_mode(model):
+        device = next(model.parameters()).device
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.train.mixed_precision == "bf16")
+        with eval_mode(model), amp:  # as the loss will compute them (train.mixed_precision)
             for s in range(0, len(rows), bs):
                 part = rows[s:s + bs]
-                batch = {k: v.to(next(model.parameters()).device) for k, v in self._sequences(part).items()}
+                batch = {k: v.to(device) for k, v in self._sequences(part).items()}
                 lp = completion_scores(model, batch, chunk_size=self.cfg.loss.chunk_size)["logps"]
                 for r, row_lp in zip(part, lp.tolist()):
                     r["old_logps"] = row_lp[:len(r["completion_ids"])]
