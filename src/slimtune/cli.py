@@ -319,7 +319,7 @@ def add_eval(sub):
     p.add_argument("--ifeval", nargs="?", const="builtin:ifeval_prompts", metavar="PROMPTS",
                    help="also answer IFEval-style prompts with checkable instructions: --ifeval alone is the "
                         "shipped set (builtin:ifeval_prompts, 66 prompts), or a file; default: the run's "
-                        "eval.ifeval (off unless set); '' skips them")
+                        "eval.ifeval (off unless set; an RL run answers the shipped set); '' skips them")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server that judges base vs tuned answers "
                                                   "(both orders); off by default")
     p.add_argument("--judge-model", metavar="NAME", help="model name to send to the judge")

@@ -6,6 +6,7 @@ A config file mirrors these sections:
     data:   {train: data.jsonl, max_length: 512}
     method: {name: lora, r: 16, targets: attn}
     loss:   {kl_lambda: 0.0}
+    grpo:   {num_generations: 8, rewards: [{name: ifeval}]}   (loss.objective=grpo)
     train:  {lr: 2e-4, max_steps: 100}
     eval:   {every: 50}
 
@@ -162,8 +163,9 @@ class MethodCfg:
 class LossCfg:
     objective: str = "sft"
     """What training minimises (train/objectives/): sft (with kl_lambda > 0: KL-anchored SFT), distill
-    (from a teacher: the distill section), or a preference objective: dpo, ipo, orpo, simpo
-    ({prompt, chosen, rejected} rows) or kto ({prompt, completion, label} rows, or pairs)."""
+    (from a teacher: the distill section), grpo (prompts; completions sampled each step and scored by
+    the `grpo.rewards`), or a preference objective: dpo, ipo, orpo, simpo ({prompt, chosen, rejected}
+    rows) or kto ({prompt, completion, label} rows, or pairs)."""
     kl_lambda: float = 0.0
     """Weight of KL to the base model; 0 is plain SFT."""
     kl_warmup_steps: int = 0
@@ -214,6 +216,64 @@ class LossCfg:
             raise ConfigError("loss.kl_lambda must be >= 0 and loss.kl_temperature > 0")
         if not 0 < self.jsd_beta < 1:
             raise ConfigError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""grpo.loss_type: how per-token losses are averaged (losses/grpo.py)."""
+SCALE_REWARDS = ("group", "batch", "none")
+"""grpo.scale_rewards: what a group's centred rewards are divided by."""
+
+
+@dataclass
+class GRPOCfg:
+    """loss.objective=grpo: sampling, rewards and the clipped policy loss (train/objectives/grpo.py).
+    Defaults are TRL 1.16's GRPOConfig where it has the knob."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt each step; train.batch_size counts prompts, so a step
+    trains on batch_size x grad_accum x G completions."""
+    max_new_tokens: int = 128
+    """Longest sampled completion (TRL's max_completion_length); dr_grpo divides by it."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 = off."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 = off."""
+    beta: float = 0.0
+    """Weight of the per-token KL to the base (adapters off); 0 skips the base's forward pass."""
+    epsilon_low: float = 0.2
+    """The ratio is clipped below at 1 - epsilon_low."""
+    epsilon_high: float | None = None
+    """The ratio is clipped above at 1 + epsilon_high; empty: epsilon_low (DAPO's clip-higher: 0.28)."""
+    loss_type: str = "dapo"
+    """grpo (mean per sequence, then over sequences), bnpo / dapo (mean over the step's completion
+    tokens), dr_grpo (sum / (completions x max_new_tokens))."""
+    scale_rewards: str = "group"
+    """Advantages = reward - group mean, divided by the group's std (group), the step's (batch) or
+    nothing (none, Dr. GRPO)."""
+    num_iterations: int = 1
+    """Updates per batch of completions (mu); > 1 reuses them, with log-probs stored at sampling
+    time for the clipped ratio."""
+    mask_truncated: bool = False
+    """Completions cut by max_new_tokens count for nothing in the loss (DAPO's overlong filtering)."""
+    rewards: list[dict] = field(default_factory=list)
+    """Reward functions, weighted and summed: [{name: ifeval, weight: 1.0}, {name: ended, weight: 0.2},
+    {name: my_module:fn}]; the built-ins and their arguments are listed in rewards.py."""
+    samples_every: int = 10
+    """Write the step's completions and rewards to RUN/samples.jsonl every N steps; 0: never."""
+
+    def __post_init__(self):
+        _choice("grpo.loss_type", self.loss_type, LOSS_TYPES)
+        _choice("grpo.scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        if self.max_new_tokens < 1 or self.num_iterations < 1 or self.samples_every < 0:
+            raise ConfigError("grpo.max_new_tokens and grpo.num_iterations must be >= 1, grpo.samples_every >= 0")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("grpo.temperature must be > 0, grpo.top_p in (0, 1], grpo.top_k >= 0")
+        if self.beta < 0 or not 0 <= self.epsilon_low < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError("grpo.beta must be >= 0, grpo.epsilon_low in [0, 1), grpo.epsilon_high >= 0")
 
 
 @dataclass
@@ -421,6 +481,7 @@ class Config:
     method: MethodCfg = field(default_factory=MethodCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    grpo: GRPOCfg = field(default_factory=GRPOCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 

@@ -166,7 +166,7 @@ def generate(model, tokenizer, messages: Messages, max_new_tokens: int = _EVAL.m
 
 def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings = GenSettings(),
                   batch_size: int = 32, log=None, adapter_on: list[bool] | None = None,
-                  seeds: list[int] | None = None, streamer=None) -> list[dict]:
+                  seeds: list[int] | None = None, streamer=None, return_ids: bool = False) -> list[dict]:
     """Answer every chat (each ending with a user turn); answers in the order of `chats`.
 
     Returns [{text, n_tokens, ended, seconds}] as `generate.generate` does, except that `seconds`
@@ -178,6 +178,7 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
     for 24 rows as for 48 on a CPU, so base and tuned answers together take little more than one
     side alone. seeds: per chat sampling seed (default settings.seed + its position).
     streamer (one chat): `put(list of new ids)` after each step, `end()` after the last.
+    return_ids: each answer also has "ids", its generated token ids (the stop token included).
     """
     if not chats:
         return []
@@ -215,7 +216,7 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
                 ended = bool(new) and new[-1] in stops
                 text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False)
                 out[i] = {"text": text.strip(), "n_tokens": len(new), "ended": ended,
-                          "seconds": seconds * len(new) / total}
+                          "seconds": seconds * len(new) / total, **({"ids": new} if return_ids else {})}
             if log:
                 log(min(start + batch_size, len(order)), len(order))
     finally:

@@ -9,6 +9,7 @@
     simpo    paired                                 paired     no        none       preference
     kto      kto                                    unpaired   no        base       preference
     distill  distill                                chats      no        teacher    distill
+    grpo     grpo                                   prompts    no        base       rl          generates
 
 Everything outside an objective's own module reads these fields, never its name or class: config
 validates names and packing, data reads the row kind, the loop and `slimtune eval` pick the
@@ -28,16 +29,19 @@ class ObjectiveSpec:
     """train/objectives/<module>.py defines it."""
     rows: str
     """The data rows it reads: chats (rendered, trained tokens marked), paired ({prompt, chosen,
-    rejected}), unpaired ({prompt, completion, label})."""
+    rejected}), unpaired ({prompt, completion, label}), prompts (a chat ending with a user turn, its
+    other columns kept for the rewards)."""
     packable: bool
     """Rows may be packed into one sequence (data.packing)."""
     reference: str
     """none; base: the base model's outputs (adapters off, or a frozen copy for full FT); teacher:
-    another model's (or the base's, shown a context) or a stored teacher's (the distill section)."""
+    another model's (or the base's, shown a context) or a stored teacher's (the distill section). The
+    objective may need it only for some settings (grpo: grpo.beta > 0; `Objective.uses_reference`)."""
     evaluation: str
     """heldout: loss, perplexity and KL on held-out chats (base states cached on disk);
     preference: held-out preference accuracy and rewards; distill: held-out CE of student and
-    teacher, KL(teacher || student) and greedy next-token agreement."""
+    teacher, KL(teacher || student) and greedy next-token agreement; rl: held-out prompts' mean
+    reward (greedy) and, in `slimtune eval`, the instruction-following pass rate base -> tuned."""
     generates: bool = False
     """Its training rows are made during each step from the current model (`begin_step`: sampled
     completions); the loop then counts the step's units after that, over all processes."""
@@ -53,6 +57,7 @@ SPECS: dict[str, ObjectiveSpec] = {s.name: s for s in (
     ObjectiveSpec("kto", "kto", "unpaired", False, "base", "preference"),
     # not packable: a stored teacher is found by row, a context teacher's rows are rendered apart
     ObjectiveSpec("distill", "distill", "chats", False, "teacher", "distill"),
+    ObjectiveSpec("grpo", "grpo", "prompts", False, "base", "rl", generates=True),
 )}
 
 CONFIG_NAMES = tuple(n for n in SPECS if n != "kl_sft")

@@ -40,6 +40,12 @@ PLOTS = {  # file stem: (title, y label, [(log field, legend, marker)])
                    [("accuracy", "reward accuracy (training batches)", ""),
                     ("eval_accuracy", "reward accuracy (held-out)", "o"),
                     ("eval_pref_accuracy", "own log-probs prefer chosen (held-out)", "s")]),
+    # RL objectives (train/objectives/grpo.py)
+    "rl_reward": ("RL rewards", "mean reward of the step's completions",
+                  [("reward", "total (sampled)", ""), ("eval_reward", "held-out (greedy)", "o")]),
+    "rl_signal": ("RL signal", "share",
+                  [("no_signal", "groups with all rewards equal (no gradient)", ""),
+                   ("truncated", "completions cut by max_new_tokens", ""), ("clip_region", "clipped tokens", "")]),
     "lr": ("Learning rate", "lr", [("lr", "learning rate", "")]),
     "throughput": ("Throughput", "trained tokens / s", [("tokens_per_s", "tokens/s (running mean)", "")]),
 }

@@ -210,6 +210,46 @@ def distill_heldout(pair, data: str | None, n_max: int | None, log) -> tuple[dic
     return heldout, general
 
 
+RL_KEYS = ("reward", "length", "ended")
+
+
+def rl_heldout(pair, n_max: int | None, log, dtype: str = "float32", reuse: bool = True) -> dict:
+    """An RL run's held-out prompts answered greedily by base and tuned: the mean reward (the run's
+    grpo.rewards), answer length and ended share (`Objective.evaluate`). reuse: training's
+    evaluations of the base (step 0) and of these same weights, when the weights file is the one
+    it measured with the same settings."""
+    from ..methods import method_of
+    from ..runfolder import as_base
+    from ..train.objectives import make_objective
+
+    cfg = pair.cfg
+    obj = make_objective(cfg)
+    try:
+        rows = obj.prepare_data(pair.tok, cfg.train.seed).val
+    except SlimtuneError as e:
+        raise SlimtuneError(f"cannot rebuild the run's held-out prompts (data.train={cfg.data.train}): {e}") from None
+    rows = rows[:n_max] if n_max else rows
+    source = cfg.data.val or f"{cfg.data.train} (held-out split, val_fraction={cfg.data.val_fraction})"
+    heldout = {"data": source, "examples": len(rows), "objective": obj.name}
+    if not rows:
+        return heldout
+    pick = (lambda ev: {k: ev.get(f"eval_{k}") for k in RL_KEYS} | {
+        k[len("eval_"):]: v for k, v in ev.items() if k.startswith("eval_reward/")})
+    summary = _measured_these_weights(pair, n_max, dtype) if reuse else None
+    before, after = (summary or {}).get("before") or {}, (summary or {}).get("after") or {}
+    if summary and not method_of(cfg.method.name).adds_positions and "eval_reward" in before and "eval_reward" in after:
+        log("held-out rewards: training's evaluations of the base (step 0) and of these same weights")
+        heldout.update(base=pick(before), tuned=pick(after), from_training={
+            "step": summary["final_eval"].get("step"), "weights_sha256": summary["final_eval"]["weights_sha256"]})
+        return heldout
+    log(f"held-out rewards on {len(rows)} prompts (greedy, base and tuned) ...")
+    tuned = obj.evaluate(pair.model, rows, pair.tok.pad_token_id, cfg.eval.batch_size)
+    with as_base(pair.model, pair.ref) as base:
+        base_m = obj.evaluate(base, rows, pair.tok.pad_token_id, cfg.eval.batch_size)
+    heldout.update(base=pick(base_m), tuned=pick(tuned))
+    return heldout
+
+
 def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, out: str | None = None,
                  max_prompts: int | None = None, max_new_tokens: int | None = None,
                  max_examples: int | None = None, dtype: str = "float32", log=None, ifeval: str | None = None,
@@ -258,6 +298,10 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     elif spec_for(cfg.loss.objective, cfg.loss.kl_lambda).evaluation == "preference":
         heldout, general = preference_heldout(pair, data, n_max, log, dtype, reuse)
         examples = []
+    elif spec_for(cfg.loss.objective, cfg.loss.kl_lambda).evaluation == "rl":
+        heldout, general, examples = rl_heldout(pair, n_max, log, dtype, reuse), [], []
+        if ifeval is None and not cfg.eval.ifeval:  # what RL on instructions is for: always shown
+            ifeval = "builtin:ifeval_prompts"
     else:
         examples, general, source = heldout_examples(cfg, tok, data)
         heldout = {"data": source, "examples": len(examples[:n_max] if n_max else examples)}
@@ -375,6 +419,9 @@ ROWS = [  # (label, section, key, format)
     ("reward margin", "heldout", "margin", "{:+.4f}"),
     ("KL(teacher || model), held-out", "heldout", "kl_teacher", "{:.4g}"),
     ("greedy next token = the teacher's", "heldout", "agreement", "{:.1%}"),
+    ("held-out mean reward (greedy)", "heldout", "reward", "{:.3f}"),
+    ("held-out answers ended", "heldout", "ended", "{:.0%}"),
+    ("held-out answer length (tokens)", "heldout", "length", "{:.1f}"),
     ("KL to base, held-out", "heldout", "kl_to_base", "{:.4g}"),
     ("KL to base, general prompts", "heldout", "general_kl", "{:.4g}"),
     ("answers with lists", "style", "list_share", "{:.0%}"),
@@ -423,8 +470,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
             if not judge:
                 continue
             vals = (judge["base_win_rate"], judge["tuned_win_rate"])
-        if key in PREF_KEYS[1:] + DISTILL_KEYS and all(v is None for v in vals):
-            continue  # preference rows only for preference runs, teacher rows for distillation
+        if key in PREF_KEYS[1:] + DISTILL_KEYS + RL_KEYS and all(v is None for v in vals):
+            continue  # preference rows only for preference runs, teacher rows for distillation, reward rows for RL
         if section != "style" or any(v is not None for v in vals):  # older eval.json: no repetition keys
             rows.append((label, *("-" if v is None else fmt.format(v) for v in vals)))
         if section == "judge" and judge.get("unread_share"):  # they count as ties: say how many

@@ -38,17 +38,21 @@ class TokenLogps:
     """(N,) fp32 log pi_ref(target), no grad; None without ref_hidden."""
     kl: Tensor | None
     """(N,) fp32 KL(ref || pi) over the vocabulary at each position, no grad; None without ref_hidden."""
+    entropy: Tensor | None = None
+    """(N,) fp32 entropy of pi over the vocabulary at each position, no grad; with entropy=True only."""
 
 
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                 ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
                 ref_bias: Tensor | None = None, chunk_size: int = CHUNK_SIZE,
-                logit_softcap: float | None = None, logit_scale: float | None = None) -> TokenLogps:
+                logit_softcap: float | None = None, logit_scale: float | None = None,
+                entropy: bool = False) -> TokenLogps:
     """Log-probs of `targets` (N,) under `hidden` (N, H) @ `weight` (V, H).T (+ bias), in chunks.
 
     With `ref_hidden` (N, H) (the base's hidden states at the same positions; `ref_weight`
     defaults to `weight`) the same chunk loop also returns the reference log-probs and the
-    per-token KL(ref || pi), for free next to the logits it already builds.
+    per-token KL(ref || pi), for free next to the logits it already builds; `entropy` adds the
+    policy's entropy at each position the same way (GRPO logs it).
     Forward stores d log pi_t / d hidden_t (N, H) when hidden needs a grad, so backward is a
     scale; a trainable weight/bias (full fine-tuning) recomputes each chunk's logits in backward.
     Logits are transformed as the model does: z = cap * tanh(raw * logit_scale / cap).
@@ -59,10 +63,11 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor
         ref_weight, ref_bias = weight, bias
     track = torch.is_grad_enabled()
     needs = tuple(track and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = (int(chunk_size), (logit_scale, logit_softcap), needs)
-    logps, ref_logps, kl = _TokenLogps.apply(hidden, weight, bias, targets.to(hidden.device),
-                                             ref_hidden, ref_weight, ref_bias, opts)
-    return TokenLogps(logps, ref_logps if ref_hidden is not None else None, kl if ref_hidden is not None else None)
+    opts = (int(chunk_size), (logit_scale, logit_softcap), needs, entropy)
+    logps, ref_logps, kl, ent = _TokenLogps.apply(hidden, weight, bias, targets.to(hidden.device),
+                                                  ref_hidden, ref_weight, ref_bias, opts)
+    return TokenLogps(logps, ref_logps if ref_hidden is not None else None, kl if ref_hidden is not None else None,
+                      ent if entropy else None)
 
 
 def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None, transform: tuple) -> Tensor:
@@ -76,13 +81,14 @@ def _dlogp_dz(z: Tensor, lse: Tensor, t: Tensor, tanh: Tensor | None, transform:
 class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, opts):
-        chunk, tf, (need_h, need_w, need_b) = opts
+        chunk, tf, (need_h, need_w, need_b), want_ent = opts
         n = hidden.shape[0]
         w = weight.detach()
         b = None if bias is None else bias.detach()
         logps = torch.empty(n, device=hidden.device)
         ref_logps = torch.empty(n if ref_hidden is not None else 0, device=hidden.device)
         kl = torch.empty_like(ref_logps)
+        ent = torch.empty(n if want_ent else 0, device=hidden.device)
         jac = torch.empty_like(hidden) if need_h else None         # d logp_t / d hidden_t
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -90,6 +96,10 @@ class _TokenLogps(torch.autograd.Function):
             z, tanh = project(hidden[s:e].detach(), w, b, tf, keep_tanh=True)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
+            if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer, the sum as a batched dot product
+                p = (z - lse[:, None]).exp_()
+                ent[s:e] = lse - torch.bmm(p[:, None, :], z[:, :, None]).view(-1)
+                del p
             if ref_hidden is not None:
                 rz = project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
                              else ref_bias.detach(), tf)
@@ -105,13 +115,13 @@ class _TokenLogps(torch.autograd.Function):
             del z, tanh
         ctx.save_for_backward(jac, hidden if (need_w or need_b) else None, weight, bias, targets)
         ctx.opts = opts
-        ctx.mark_non_differentiable(ref_logps, kl)
-        return logps, ref_logps, kl
+        ctx.mark_non_differentiable(ref_logps, kl, ent)
+        return logps, ref_logps, kl, ent
 
     @staticmethod
-    def backward(ctx, g_logps, _g_ref, _g_kl):
+    def backward(ctx, g_logps, _g_ref, _g_kl, _g_ent):
         jac, hidden, weight, bias, targets = ctx.saved_tensors
-        chunk, tf, (need_h, need_w, need_b) = ctx.opts
+        chunk, tf, (need_h, need_w, need_b), _ = ctx.opts
         grad_h = grad_w = grad_b = None
         if need_h:
             grad_h = jac * g_logps[:, None].to(jac.dtype)

@@ -426,6 +426,8 @@ def format_summary(s: dict) -> str:
         *([f"teacher        KL(teacher || student) {f(b['eval_kl_teacher'])} -> {f(a['eval_kl_teacher'])}   "
            f"greedy agreement {f(b.get('eval_agreement'), 3)} -> {f(a.get('eval_agreement'), 3)}   "
            f"teacher's loss {f(a.get('eval_teacher_loss'))}"] if "eval_kl_teacher" in a else []),
+        *([f"reward         held-out mean {f(b.get('eval_reward'))} -> {f(a.get('eval_reward'))} (greedy)   "
+           f"length {f(b.get('eval_length'), 1)} -> {f(a.get('eval_length'), 1)} tokens"] if "eval_reward" in a else []),
         f"trainable      {p['trainable']:,} of {p['total']:,} parameters ({p['percent']:.3f}%)",
         f"speed          {t['trained_tokens_per_s']:,.0f} trained tokens/s, {t['train_s']:.0f} s training, "
         f"{t['total_s']:.0f} s total, peak RSS {t['peak_rss_mb']:,.0f} MiB",

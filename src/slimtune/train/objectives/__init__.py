@@ -5,16 +5,17 @@
     paired.py  dpo, ipo, orpo, simpo (and `score`: completion log-probs in chunks)
     kto.py     kto
     distill.py distill (from a teacher model, a stored top k, or the base shown a context)
+    grpo.py    grpo (completions sampled each step, verifiable rewards)
 """
 
 from __future__ import annotations
 
 from ...specs import SPECS, spec_for
-from . import distill, kto, paired, sft
+from . import distill, grpo, kto, paired, sft
 from .base import Objective, StepOut
 
 OBJECTIVES: dict[str, type[Objective]] = {**sft.OBJECTIVES, **paired.OBJECTIVES, **kto.OBJECTIVES,
-                                         **distill.OBJECTIVES}
+                                         **distill.OBJECTIVES, **grpo.OBJECTIVES}
 assert OBJECTIVES.keys() == SPECS.keys(), "every spec row has its objective, and no objective lacks a row"
 
 
