@@ -32,7 +32,7 @@ LR = 1e-5
 def make_prompts(workdir: Path, n: int) -> dict:
     """The first n rows of builtin:grpo_prompts: prompts.jsonl for slimtune, and the same rows with
     constraints as JSON text for TRL's dataset (Arrow would fill missing constraint keys with nulls)."""
-    from slimtune.data.formats import read_rows
+    from slimtune.data.reader import read_rows
 
     rows = [r for _, r in read_rows("builtin:grpo_prompts")][:n]
     workdir.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def agreement_sums(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: 
                    ref_weight: Tensor | None = None, *, teacher_ids: Tensor | None = None,
                    teacher_logps: Tensor | None = None, bias: Tensor | None = None, ref_bias: Tensor | None = None,
                    logit_scale: float | None = None, logit_softcap: float | None = None,
-                   chunk_size: int = 1024) -> dict[str, float]:
+                   chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
     """Held-out measures of a student against its teacher, as sums over the N rows (tau = 1):
 
         ce          student CE of the targets (rows with target -100 add 0)

@@ -27,6 +27,7 @@ import zlib
 
 import torch
 
+from ...config import CHUNK_SIZE
 from ...data.preference import split_rows
 from ...data.prompts import last_user, prompt_rows
 from ...data.render import IGNORE
@@ -57,7 +58,7 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
-def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False, chunk_size: int = 1024) -> dict:
+def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False, chunk_size: int = CHUNK_SIZE) -> dict:
     """Per-token scores of the completions of `batch` (collate_sequences' rows, B x T):
     logps (B, Tc) with grad, ref_logps (B, Tc) or None, entropy (B, Tc) no grad; zeros past each
     completion's end (Tc = the longest completion)."""
@@ -115,7 +116,7 @@ class GRPO(Objective):
     def prepare_data(self, tokenizer, seed: int = 0, log=None):
         """cfg.data -> Prepared(train, val) of prompt rows (data/prompts.prompt_rows); general
         prompts stay SFT examples (KL to base on unrelated chats)."""
-        from ...data.formats import load_chats
+        from ...data.reader import load_chats
         from ...data.prepare import Prepared
         from ...data.tools import render_all
 
