@@ -19,8 +19,10 @@ if ! pip install -q "torch==2.13.0" 2>/dev/null; then
   pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 if [ "$NEWEST" = 1 ]; then
-  echo "installing the newest versions pyproject allows (not constraints.txt)"
-  pip install -q --upgrade --upgrade-strategy eager -e ".[test,optim,report,data]"
+  echo "installing the newest versions pyproject allows (not constraints.txt; torch stays 2.13.0, the CPU build)"
+  # an eager upgrade would replace torch with the newest release, a CUDA build of several GB
+  echo "torch==2.13.0" > "$VENV/torch-pin.txt"
+  pip install -q --upgrade --upgrade-strategy eager -c "$VENV/torch-pin.txt" -e ".[test,optim,report,data]"
 else
   pip install -q -c constraints.txt -e ".[test,optim,report,data]"
 fi
