@@ -32,6 +32,9 @@ from .data.render import IGNORE
 from .data.sources import file_hash
 from .errors import ConfigError, DataError
 from .losses.head import project, tempered_log_softmax
+from .machine import bf16_supported
+from .models import load_model, load_tokenizer
+from .runfolder import load_run, run_kind
 from .train.forward import hidden_states, output_layer
 from .utils import atomic_write_bytes, atomic_write_json, eval_mode
 
@@ -112,7 +115,6 @@ def trained_counts(rows: list[dict]) -> list[int]:
 def teacher_dtype(want: str, device: str, student_dtype: str) -> str:
     """distill.teacher_dtype resolved: auto is bfloat16 where the device computes it natively
     (machine.bf16_supported), else the student's dtype; 4bit only where NF4 runs on CUDA."""
-    from .machine import bf16_supported
 
     if want == "4bit" and not str(device).startswith("cuda"):
         raise ConfigError(f"distill.teacher_dtype=4bit needs CUDA (bitsandbytes NF4), this run is on {device}; "
@@ -126,8 +128,6 @@ def load_teacher(source: str, student_tokenizer, device: str, dtype: str = "floa
     """The teacher model for distillation: eval mode, no grad, on `device` in `dtype` (a
     `teacher_dtype` answer). A run folder loads onto its base with the adapter merged in memory.
     Raises ConfigError unless its vocabulary is the student's (check_vocab)."""
-    from .models import load_model, load_tokenizer
-    from .runfolder import load_run, run_kind
 
     if dtype == "4bit":
         if run_kind(source) is not None:

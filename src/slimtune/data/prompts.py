@@ -6,6 +6,8 @@ from __future__ import annotations
 from ..errors import DataError
 from .formats import ROLES, resolve_path, with_system
 from .reader import read_rows
+from .render import render_prompt
+from .sources import open_source
 
 Messages = list[dict[str, str]]
 
@@ -69,8 +71,6 @@ def prompt_rows(spec: str, tokenizer, *, system_prompt: str | None = None, colum
     "where" "file:line"}; dropped: file:line of prompts longer than `max_prompt_tokens` (an error
     when not drop_long). columns: {our field: the file's column}, e.g. {prompt: question}.
     """
-    from .render import render_prompt
-    from .sources import open_source
 
     source = open_source(str(resolve_path(spec)) if spec.startswith("builtin:") else spec, split, subset)
     mapped = {ours: theirs for ours, theirs in (columns or {}).items()}

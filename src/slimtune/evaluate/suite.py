@@ -19,9 +19,24 @@ import time
 from pathlib import Path
 
 from ..data.formats import with_system
+from ..data.preference import load_preferences
+from ..data.prepare import examples, prepare, render
+from ..data.prompts import last_user, load_prompts
+from ..data.reader import load_chats
+from ..data.tools import render_all
 from ..errors import SlimtuneError
+from ..generate import settings_for
+from ..methods import method_of
 from ..readback import read_json
+from ..runfolder import as_base, run_kind, weights_digest
+from ..specs import SPECS, spec_for
+from ..train.base_states import base_states
+from ..train.heldout import base_loss_from_states, heldout_metrics
+from ..train.objectives import make_objective
 from ..utils import atomic_write_json, atomic_write_text
+from .base_vs_tuned import BaseVsTuned
+from .ifeval import CHECKERS, ifeval_metrics, load_ifeval, sample_ifeval
+from .judge import judge_pairs
 from .repetition import repetition_metrics, sample_repetition
 from .style import banned_hits, has_code_block, has_heading, has_list, stray_tags, style_metrics
 
@@ -30,16 +45,12 @@ PROMPTS = "builtin:eval_prompts"
 
 def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict], list[dict], str]:
     """(held-out examples, general-prompt examples, where the held-out set came from)."""
-    from ..data.prepare import prepare
-    from ..data.reader import load_chats
-    from ..data.tools import render_all
 
     kw = dict(train_on=cfg.data.train_on, max_length=cfg.data.max_length, train_reasoning=cfg.data.train_reasoning)
     general = []
     if cfg.data.general_prompts:
         general, _ = render_all(load_chats(cfg.data.general_prompts), tokenizer, source=cfg.data.general_prompts, **kw)
     if data:  # any source (file, folder, hf:), read with the run's data settings; rendering is cached
-        from ..data.prepare import examples, render
         return examples(render(data, cfg.data, tokenizer), source=data)[0], general, data
     try:
         prepared = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -54,7 +65,6 @@ def _measured_these_weights(pair, n_max: int | None, dtype: str) -> dict | None:
     """The run's summary.json when its final evaluation measured the weights now in the folder
     (sha256) with the settings eval would use (dtype, device, no autocast, example count, batch size,
     general prompts); else None."""
-    from ..runfolder import weights_digest
 
     cfg, run = pair.cfg, Path(pair.run)
     try:
@@ -78,8 +88,6 @@ def training_heldout(pair, examples: list[dict], general: list[dict], states, n_
 
     Equal to measuring again up to float rounding: training evaluated with the adapter unmerged,
     `slimtune eval` merges it (tests/evaluate/test_suite.py compares the two)."""
-    from ..specs import SPECS
-    from ..train.heldout import base_loss_from_states
 
     cfg = pair.cfg
     summary = _measured_these_weights(pair, n_max, dtype)
@@ -114,12 +122,6 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
     weights (its final evaluation) on the same held-out rows; take those numbers when the weights
     file is the one it measured, with the same settings (as `training_heldout` for SFT)."""
     model, tok, cfg, ref = pair.model, pair.tok, pair.cfg, pair.ref
-    from ..data.preference import load_preferences
-    from ..data.reader import load_chats
-    from ..data.tools import render_all
-    from ..methods import method_of
-    from ..runfolder import as_base
-    from ..train.objectives import make_objective
 
     obj = make_objective(cfg)
     if data:
@@ -175,10 +177,6 @@ def distill_heldout(pair, data: str | None, n_max: int | None, log) -> tuple[dic
     Returns (heldout section, general-prompt examples still to measure)."""
     import copy
 
-    from ..data.reader import load_chats
-    from ..data.tools import render_all
-    from ..runfolder import as_base
-    from ..train.objectives import make_objective
 
     model, tok, cfg, ref = pair.model, pair.tok, pair.cfg, pair.ref
     if data:  # every chat of the file, rendered as the run's data (and context) settings say
@@ -218,9 +216,6 @@ def rl_heldout(pair, n_max: int | None, log, dtype: str = "float32", reuse: bool
     grpo.rewards), answer length and ended share (`Objective.evaluate`). reuse: training's
     evaluations of the base (step 0) and of these same weights, when the weights file is the one
     it measured with the same settings."""
-    from ..methods import method_of
-    from ..runfolder import as_base
-    from ..train.objectives import make_objective
 
     cfg = pair.cfg
     obj = make_objective(cfg)
@@ -267,14 +262,6 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size, temperature (None: the run's
     eval settings). Progress goes to `log` (default: stderr); `format_table(result)` is the table.
     """
-    from ..data.prompts import last_user, load_prompts
-    from ..generate import settings_for
-    from ..methods import method_of
-    from ..runfolder import run_kind
-    from ..train.base_states import base_states
-    from ..train.heldout import heldout_metrics
-    from .base_vs_tuned import BaseVsTuned
-    from .ifeval import ifeval_metrics, load_ifeval
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -288,7 +275,6 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     ref = pair.ref
     pad = tok.pad_token_id
     bs, n_max = cfg.eval.batch_size, max_examples or cfg.eval.max_examples
-    from ..specs import spec_for
 
     if not with_heldout:
         examples, general, heldout = [], [], {"data": None, "examples": 0, "skipped": True}
@@ -356,7 +342,6 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
     }
     rows = sample_rows(chats, if_rows, base_all, tuned_all, banned)
     if judge:
-        from .judge import judge_pairs
 
         verdicts = judge_pairs(judge, judge_model, rows, log=log, max_tokens=judge_max_tokens)
         result["judge"] = verdicts["summary"]
@@ -376,8 +361,6 @@ def evaluate_run(run: str, data: str | None = None, prompts: str | None = None, 
 
 def sample_rows(chats, if_rows, base_all, tuned_all, banned) -> list[dict]:
     """One row per prompt for eval_samples.jsonl: the prompt, both answers and every per-answer metric."""
-    from ..data.prompts import last_user
-    from .ifeval import sample_ifeval
 
     rows = []
     for i, (b, t) in enumerate(zip(base_all, tuned_all)):
@@ -450,7 +433,6 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
     IFEval adds one row per constraint type ("IFEval: <name> (n)") after its two summary rows.
     """
-    from .ifeval import CHECKERS
 
     h, g, ife, judge = result["heldout"], result["generation"], result.get("ifeval"), result.get("judge")
     rows = []

@@ -30,9 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.prompts import load_prompts
+from ..data.render import render_prompt
 from ..errors import SlimtuneError
+from ..generate import stop_ids
+from ..utils import atomic_dir
 from .coreml_model import StatefulLM, causal_mask, stateful_greedy
-from .mlx import open_permissions
+from .merge import all_logits, merge_in_memory
+from .mlx import open_permissions, torch_greedy
+from .modelfile import match_template
 
 ARCHS = ("llama", "qwen2", "qwen3")
 INPUTS, OUTPUT, STATES = ("inputIds", "causalMask"), "logits", ("keyCache", "valueCache")
@@ -112,7 +118,6 @@ def prompt_format(tokenizer, stops: list[int]) -> dict:
     """What the Swift prompt wrapper needs: the template's family (chatml / llama3, matched as the
     Ollama Modelfile matches it), the text it writes before the first turn, its default system
     prompt, and the stop ids. family None: the template is neither, use the Jinja fallback."""
-    from .modelfile import match_template
 
     matched = match_template(tokenizer, add_bos=False) if tokenizer.chat_template else None
     fmt = {"family": None, "prefix": "", "default_system": None, "stop_ids": stops,
@@ -128,9 +133,6 @@ def check_traced(model, tokenizer, chats, stops, context: int, n_new: int) -> di
     """The module that is converted, traced, against transformers: logits on the first prompt with
     float32 caches (the graph itself: must be ~0) and with fp16 caches as Core ML keeps them (the
     cost of fp16 storage, reported); greedy answers (the Swift loop's, in torch) with fp16 caches."""
-    from ..data.render import render_prompt
-    from .merge import all_logits
-    from .mlx import torch_greedy
 
     pairs = [(c, render_prompt(c, tokenizer)) for c in chats]
     pairs = [(c, i) for c, i in pairs if len(i) + n_new <= context]  # prompts that fit the context
@@ -161,10 +163,6 @@ def export_coreml(run: str, out: str, contexts: list[int] | None = None, verify:
                   n_prompts: int = 4, n_new: int = 32, log=None) -> dict:
     """Merge RUN and write DIR (see the module note). Returns {out, bytes, weight_bytes, functions,
     seconds_convert, traced_max_abs_logit_diff, traced_greedy_equal, prompts, ...}."""
-    from ..data.prompts import load_prompts
-    from ..generate import stop_ids
-    from ..utils import atomic_dir
-    from .merge import merge_in_memory
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     contexts = contexts or [2048, 4096]

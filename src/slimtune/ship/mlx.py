@@ -36,7 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.prompts import load_prompts
+from ..data.render import render_prompt
 from ..errors import SlimtuneError
+from ..generate import stop_ids
+from ..methods import method_of
+from ..runfolder import load_base, read_config
+from ..utils import atomic_dir
+from .merge import all_logits, max_abs_diff, merge_in_memory
 
 ARCHS = ("llama", "qwen2", "qwen3")
 DTYPES = {"f32": "float32", "f16": "float16"}
@@ -191,8 +198,6 @@ def write_mlx_model(model, tokenizer, out: str | Path, kind: str = "f16", quanti
     """Write `model` (llama / qwen2 / qwen3) + `tokenizer` to `out` through mlx_lm.convert, atomically."""
     from mlx_lm import convert
 
-    from ..generate import stop_ids
-    from ..utils import atomic_dir
 
     check_supported(model.config, kind, quantize)
     stops = stops or stop_ids(tokenizer, model)
@@ -211,7 +216,6 @@ def write_mlx_adapter(run: str | Path, out: str | Path, n_layers: int) -> dict:
     import mlx.core as mx
     from safetensors.numpy import load_file
 
-    from ..utils import atomic_dir
 
     peft_cfg = json.loads((Path(run) / "adapter_config.json").read_text())
     weights, config = adapter_to_mlx(load_file(Path(run) / "adapter_model.safetensors"), peft_cfg, n_layers)
@@ -251,9 +255,6 @@ def check_mlx(out, merged, tokenizer, chats: list[list[dict]], inputs: list[list
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    from ..data.render import render_prompt
-    from ..generate import stop_ids
-    from .merge import all_logits, max_abs_diff
 
     stops = set(stop_ids(tokenizer, merged))
     model, mtok = load(str(out), adapter_path=str(adapter_path) if adapter_path else None)
@@ -283,7 +284,6 @@ def export_mlx(run: str, out: str, kind: str = "f16", quantize: str | None = Non
     with verify, load it with mlx-lm and compare it with the merged model (check_mlx).
 
     Returns {out, format, type, quantize, bytes, parity_merged, seconds_write, ... check_mlx's keys}."""
-    from .merge import merge_in_memory
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out_p = Path(out)
@@ -319,20 +319,16 @@ def export_mlx(run: str, out: str, kind: str = "f16", quantize: str | None = Non
 
 
 def _four_bit(run) -> bool:
-    from ..methods import method_of
-    from ..runfolder import read_config
 
     return method_of(read_config(Path(run) / "config.yaml").method.name).four_bit
 
 
 def _verify(out: Path, m, adapter_only: bool, n_prompts, n_new: int, log) -> dict:
-    from ..data.prompts import load_prompts
 
     chats = load_prompts("builtin:eval_prompts", n_prompts, m.cfg.data.system_prompt)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="slimtune-mlx-base-") as base:
         if adapter_only:  # the base the adapter goes on, in float32, with the training tokenizer
-            from ..runfolder import load_base
             write_mlx_model(load_base(m.cfg, "float32").eval(), m.tokenizer, Path(base) / "b", "f32")
         res = check_mlx(Path(base) / "b" if adapter_only else out, m.model, m.tokenizer, chats, m.inputs,
                         n_new, adapter_path=out if adapter_only else None)

@@ -23,10 +23,13 @@ import math
 import torch
 
 from ...data.batching import collate, count_trained, length_grouped_batches
+from ...data.context import prepare_context
+from ...data.prepare import examples, prepare, render
 from ...data.render import IGNORE
 from ...errors import ConfigError, DataError
 from ...losses.distill import agreement_sums, topk_distill_loss
 from ...losses.sft import LossOut, chunked_loss
+from ...teacher import hash_rows, load_teacher, read_teacher_logprobs, teacher_dtype
 from ..base_states import batch_key
 from ..forward import base_hidden, hidden_states, output_layer
 from .base import Objective, StepOut
@@ -53,8 +56,6 @@ class Distill(Objective):
     def prepare_data(self, tokenizer, seed: int = 0, log=None):
         """Chats as SFT renders them; context rows also as the teacher sees them; stored-teacher
         rows carry `teacher_row`, their row in the store."""
-        from ...data.context import prepare_context
-        from ...data.prepare import prepare
 
         self.tokenizer = tokenizer
         if self.dc.mode == "context":
@@ -68,8 +69,6 @@ class Distill(Objective):
         """Open distill.teacher_logprobs, written for every example of data.train (`slimtune data
         teacher`), and mark each row with its store row, found by content (the split and
         data.max_examples pick a subset). Held-out rows from another file get none."""
-        from ...data.prepare import examples, render
-        from ...teacher import hash_rows, read_teacher_logprobs
 
         data = self.cfg.data
         everything = examples(render(data.train, data, tokenizer, seed), source=data.train)[0]
@@ -111,7 +110,6 @@ class Distill(Objective):
     def teacher_model(self, model):
         """distill.teacher, loaded once on the student's device (teacher.load_teacher)."""
         if self.teacher is None:
-            from ...teacher import load_teacher, teacher_dtype
 
             if self.tokenizer is None:
                 raise RuntimeError("prepare_data first: the teacher's vocabulary is checked against the student's")

@@ -29,8 +29,11 @@ import torch
 
 from ...config import CHUNK_SIZE
 from ...data.preference import split_rows
+from ...data.prepare import Prepared
 from ...data.prompts import last_user, prompt_rows
+from ...data.reader import load_chats
 from ...data.render import IGNORE
+from ...data.tools import render_all
 from ...errors import ConfigError
 from ...generate import GenSettings, generate_many, merged, stop_ids
 from ...losses import grpo as G
@@ -116,9 +119,6 @@ class GRPO(Objective):
     def prepare_data(self, tokenizer, seed: int = 0, log=None):
         """cfg.data -> Prepared(train, val) of prompt rows (data/prompts.prompt_rows); general
         prompts stay SFT examples (KL to base on unrelated chats)."""
-        from ...data.reader import load_chats
-        from ...data.prepare import Prepared
-        from ...data.tools import render_all
 
         dc, gc = self.cfg.data, self.cfg.grpo
         self.tokenizer = tokenizer
