@@ -135,6 +135,20 @@ def reinit_lora(model, seed: int = SEED) -> None:
                 p.zero_()
 
 
+def same_start_adapters() -> None:
+    """Make slimtune's loop start from `reinit_lora`'s adapter, as the TRL runs of a bench do."""
+    import slimtune.train.loop as st
+
+    apply = st.apply_method
+
+    def apply_and_reinit(*a, **kw):
+        model = apply(*a, **kw)
+        reinit_lora(model)
+        return model
+
+    st.apply_method = apply_and_reinit
+
+
 def _lora_key(name: str) -> str:
     return name[name.find("layers."):] if "layers." in name else name
 

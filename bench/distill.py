@@ -44,14 +44,7 @@ def run_slimtune(spec: dict) -> dict:
     import slimtune.train.loop as st
     from slimtune.config import build_config
 
-    apply = st.apply_method
-
-    def apply_and_reinit(*a, **kw):  # the same starting adapter as the TRL runs
-        model = apply(*a, **kw)
-        common.reinit_lora(model)
-        return model
-
-    st.apply_method = apply_and_reinit
+    common.same_start_adapters()  # the same starting adapter as the TRL runs
     run_dir = str(Path(spec["tmp"]) / "run")
     cfg = build_config({
         "model": {"name": spec["student"]},

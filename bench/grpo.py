@@ -47,14 +47,7 @@ def run_slimtune(spec: dict) -> dict:
     import slimtune.train.objectives.grpo as grpo
     from slimtune.config import build_config
 
-    apply = st.apply_method
-
-    def apply_and_reinit(*a, **kw):  # the same starting adapter as the TRL runs
-        model = apply(*a, **kw)
-        common.reinit_lora(model)
-        return model
-
-    st.apply_method = apply_and_reinit
+    common.same_start_adapters()  # the same starting adapter as the TRL runs
     gen_s, gen_tokens = [], []
     generate_many = grpo.generate_many
 

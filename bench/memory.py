@@ -58,7 +58,6 @@ def account(spec: dict) -> dict:
     """Bytes autograd saves for backward, by saving module, for one forward of 2 x 512 tokens."""
     import torch
 
-    from slimtune.config import LossCfg
     from slimtune.data.batching import collate
     from slimtune.train.forward import batch_loss
 
@@ -90,7 +89,6 @@ def account(spec: dict) -> dict:
 
 
 def variant(spec: dict) -> dict:
-    from slimtune.config import LossCfg
     from slimtune.data.batching import count_trained, split_by_tokens
     from slimtune.config import build_config
     from slimtune.train.loop import accumulate_grads

@@ -106,14 +106,7 @@ def run_slimtune(spec: dict) -> dict:
     for o in spec["overrides"]:
         if o.startswith("proto="):
             PROTOS[o.split("=", 1)[1]]()
-    apply = st.apply_method
-
-    def apply_and_reinit(*a, **kw):  # the same starting adapter as the TRL runs
-        model = apply(*a, **kw)
-        common.reinit_lora(model)
-        return model
-
-    st.apply_method = apply_and_reinit
+    common.same_start_adapters()  # the same starting adapter as the TRL runs
     run_dir = str(Path(spec["tmp"]) / "run")
     cfg = build_config(slim_raw(spec, run_dir), overrides)
     summary = st.train(cfg, log=lambda *a: None)
