@@ -317,3 +317,22 @@ def save_results(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + "\n")
+
+
+def vs_trl_summary(results: dict, steps: int, unit: str) -> tuple[str, dict]:
+    """The table and medians of a slimtune-vs-TRL bench: results {"trl": [...], "slimtune": [...]},
+    each run {tokens, train_s, peak_rss_mb, losses} or {error}. Returns (Markdown table, numbers)."""
+    ok = {fw: [x for x in rs if "error" not in x] for fw, rs in results.items()}
+    tps = {fw: [x["tokens"] / x["train_s"] for x in rs] for fw, rs in ok.items()}
+    rss = {fw: [x["peak_rss_mb"] for x in rs] for fw, rs in ok.items()}
+    med = {fw: median_spread(v)[0] for fw, v in tps.items()}
+    mem = {fw: median_spread(v)[0] for fw, v in rss.items()}
+    rows = [[fw, str(len(ok[fw])), fmt_ms(tps[fw], 1), fmt_ms([x["train_s"] / steps for x in ok[fw]], 2),
+             fmt_ms(rss[fw]), fmt_ms([x["losses"][0] for x in ok[fw]], 4) if ok[fw] else "n/a",
+             fmt_ms([x["losses"][-1] for x in ok[fw]], 4) if ok[fw] else "n/a"] for fw in ("trl", "slimtune")]
+    table = markdown_table(["framework", "runs", f"{unit} tokens/s", "s/step", "peak RSS MiB",
+                            "loss step 1", f"loss step {steps}"], rows)
+    ratio_t = med["slimtune"] / med["trl"] if med["trl"] else float("nan")
+    ratio_m = mem["slimtune"] / mem["trl"] if mem["trl"] else float("nan")
+    return table, {"median_tokens_per_s": med, "median_peak_rss_mb": mem, "ratio_tokens_per_s": ratio_t,
+                   "ratio_peak_rss": ratio_m}

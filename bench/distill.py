@@ -130,18 +130,8 @@ def main() -> None:
                        f"peak {res['peak_rss_mb']:,.0f} MiB, loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
                   + f"  ({time.perf_counter() - t0:.0f} s wall, load {' '.join(loads[-1])})", file=sys.stderr, flush=True)
             results[fw].append(res)
-    ok = {fw: [x for x in rs if "error" not in x] for fw, rs in results.items()}
-    tps = {fw: [x["tokens"] / x["train_s"] for x in rs] for fw, rs in ok.items()}
-    rss = {fw: [x["peak_rss_mb"] for x in rs] for fw, rs in ok.items()}
-    med = {fw: common.median_spread(v)[0] for fw, v in tps.items()}
-    mem = {fw: common.median_spread(v)[0] for fw, v in rss.items()}
-    rows = [[fw, str(len(ok[fw])), common.fmt_ms(tps[fw], 1), common.fmt_ms([x["train_s"] / args.steps for x in ok[fw]], 2),
-             common.fmt_ms(rss[fw]), common.fmt_ms([x["losses"][0] for x in ok[fw]], 4) if ok[fw] else "n/a",
-             common.fmt_ms([x["losses"][-1] for x in ok[fw]], 4) if ok[fw] else "n/a"] for fw in ("trl", "slimtune")]
-    table = common.markdown_table(["framework", "runs", "trained tokens/s", "s/step", "peak RSS MiB",
-                                   "loss step 1", f"loss step {args.steps}"], rows)
-    ratio_t = med["slimtune"] / med["trl"] if med["trl"] else float("nan")
-    ratio_m = mem["slimtune"] / mem["trl"] if mem["trl"] else float("nan")
+    table, nums = common.vs_trl_summary(results, args.steps, "trained")
+    ratio_t, ratio_m = nums["ratio_tokens_per_s"], nums["ratio_peak_rss"]
     md = (f"# slimtune distill vs TRL GKDTrainer (student {common.MODELS['random'][0]}, teacher "
           f"{common.MODELS['smollm2'][0]})\n\n"
           f"{data['n']} shipped instructions, {BATCH} chats/step, {args.steps} steps, LoRA r16 attn, lr {LR}, "
@@ -151,8 +141,7 @@ def main() -> None:
           f"**{ratio_m:.2f}x** peak RSS (target <= 0.5x).\n")
     print(md)
     common.save_results(args.name, {"machine": common.machine(), "args": vars(args), "data": data,
-                                    "results": results, "median_tokens_per_s": med, "median_peak_rss_mb": mem,
-                                    "ratio_tokens_per_s": ratio_t, "ratio_peak_rss": ratio_m, "loadavg": loads}, md)
+                                    "results": results, **nums, "loadavg": loads}, md)
 
 
 if __name__ == "__main__":

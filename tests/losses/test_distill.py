@@ -39,7 +39,7 @@ def gkd_loss():
 # float64 references, from the definitions
 
 
-def _div64(logp, logq, direction, beta):
+def div64(logp, logq, direction, beta):
     """Per-row divergence of teacher log-probs `logp` and student `logq`, (N, C) -> (N,)."""
     p, q = logp.exp(), logq.exp()
     if direction == "forward":
@@ -140,7 +140,7 @@ def _online64(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, alpha, 
     t = _logits64(t_hidden, t_weight, t_bias, *transform)
     mask = targets != -100
     ce = F.cross_entropy(z, targets, ignore_index=-100, reduction="sum")
-    d = _div64(t[mask].div(tau).log_softmax(-1), z[mask].div(tau).log_softmax(-1), direction, beta)
+    d = div64(t[mask].div(tau).log_softmax(-1), z[mask].div(tau).log_softmax(-1), direction, beta)
     return (alpha * ce + (1 - alpha) * tau**2 * d.sum()) / int(mask.sum())
 
 
@@ -190,7 +190,7 @@ def _restricted64(hidden, weight, bias, targets, t_logits, ids, alpha, tau, dire
             return torch.cat([top, prob.masked_fill(member, 0).sum(-1, keepdim=True)], 1).log()
         return (top / top.sum(-1, keepdim=True)).log()
 
-    d = _div64(categories(t_logits), categories(z), direction, beta)
+    d = div64(categories(t_logits), categories(z), direction, beta)
     norm = norm or int((targets != -100).sum())
     return (alpha * ce + (1 - alpha) * tau**2 * d.sum()) / norm
 

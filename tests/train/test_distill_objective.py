@@ -6,6 +6,7 @@ distillation aligns the answer tokens of the two renderings, and a short run tra
 import json
 
 import pytest
+from test_distill import div64
 import torch
 from tiny import make_model, make_tokenizer, save_tiny
 
@@ -57,16 +58,6 @@ def objective(tok, model=None, **distill):
     return obj
 
 
-def divergence64(logp, logq, direction, beta):
-    p, q = logp.exp(), logq.exp()
-    if direction == "forward":
-        return (p * (logp - logq)).sum(-1)
-    if direction == "reverse":
-        return (q * (logq - logp)).sum(-1)
-    logm = (beta * p + (1 - beta) * q).log()
-    return beta * (p * (logp - logm)).sum(-1) + (1 - beta) * (q * (logq - logm)).sum(-1)
-
-
 def reference64(model, batch, teacher_logits, alpha, tau, direction, beta, normaliser):
     """alpha CE + (1 - alpha) tau^2 D from the models' own full logits in float64 (plain autograd)."""
     targets = batch["labels"][:, 1:]
@@ -75,7 +66,7 @@ def reference64(model, batch, teacher_logits, alpha, tau, direction, beta, norma
     z = model(**kw).logits[:, :-1][sel].double()
     zt = teacher_logits.double()
     ce = torch.nn.functional.cross_entropy(z, targets[sel], reduction="sum")
-    d = divergence64((zt / tau).log_softmax(-1), (z / tau).log_softmax(-1), direction, beta).sum() * tau**2
+    d = div64((zt / tau).log_softmax(-1), (z / tau).log_softmax(-1), direction, beta).sum() * tau**2
     return (alpha * ce + (1 - alpha) * d) / normaliser
 
 
