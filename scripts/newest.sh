@@ -11,13 +11,13 @@ echo "== versions that differ from constraints.txt (locked -> newest)"
 .venv-newest/bin/pip freeze | python3 -c '
 import sys
 lock = dict(l.strip().split("==", 1) for l in open("constraints.txt") if "==" in l and not l.startswith("#"))
-new = dict(l.strip().split("==", 1) for l in sys.stdin if "==" in l)
+new = dict(l.strip().split("==", 1) for l in sys.stdin if "==" in l and not l.startswith("#"))
 norm = lambda n: n.lower().replace("_", "-")
 lock = {norm(k): v for k, v in lock.items()}
 for k, v in sorted((norm(k), v) for k, v in new.items()):
     if k in lock and lock[k] != v:
         print(f"  {k}: {lock[k]} -> {v}")
-    elif k not in lock and k not in ("torch", "slimtune"):
+    elif k not in lock and k not in ("torch", "slimtune"):  # a package the lock does not know
         print(f"  {k}: (not locked) {v}")
 '
 echo "== the suite on the newest versions"
