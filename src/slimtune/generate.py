@@ -39,6 +39,7 @@ from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
 from .machine import bf16_supported
 from .methods import method_of, method_of_model
+from .utils import eval_mode
 
 Messages = list[dict[str, str]]
 
@@ -194,9 +195,7 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     out: list[dict | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             t0 = time.perf_counter()
@@ -219,8 +218,6 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
                           "seconds": seconds * len(new) / total, **({"ids": new} if return_ids else {})}
             if log:
                 log(min(start + batch_size, len(order)), len(order))
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -30,10 +30,11 @@ from ...errors import ConfigError, DataError
 from ...losses.distill import agreement_sums, topk_distill_loss
 from ...losses.sft import LossOut, chunked_loss
 from ...teacher import hash_rows, load_teacher, read_teacher_logprobs, teacher_dtype
+from ...utils import eval_mode
 from ..base_states import batch_key
-from ..forward import base_hidden, hidden_states, output_layer
+from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
 from .base import Objective, StepOut
-from .paired import eval_mode, to_device
+from .paired import to_device
 
 
 class Distill(Objective):
@@ -124,10 +125,11 @@ class Distill(Objective):
             self.teacher = teacher
         return self.teacher
 
-    def teacher_head(self, model, ref_model=None):
+    def teacher_head(self, model, ref_model=None) -> dict:
+        """ref_weight / ref_bias: the teacher's output layer (context: the base's)."""
         if self.dc.mode == "context":
-            return output_layer(ref_model if ref_model is not None else model)
-        return output_layer(self.teacher_model(model))
+            return reference_head(model, ref_model)
+        return reference_head(self.teacher_model(model))
 
     def teacher_states(self, model, batch: dict, ref_model=None) -> torch.Tensor:
         """(N, H_teacher) the teacher's final hidden states at the student's N trained positions,
@@ -135,10 +137,9 @@ class Distill(Objective):
         same tokens in the same order (data/context.py), so row j of both lines up."""
         if self.dc.mode == "context":
             seen = {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
-            sel = seen["labels"][:, 1:] != IGNORE
-            return base_hidden(model, seen, ref_model)[:, :-1][sel]
+            return reference_at(model, seen, seen["labels"][:, 1:] != IGNORE, ref_model)
         teacher = self.teacher_model(model)
-        return base_hidden(teacher, batch, teacher)[:, :-1][batch["labels"][:, 1:] != IGNORE]
+        return reference_at(teacher, batch, batch["labels"][:, 1:] != IGNORE, teacher)
 
     # ------------------------------------------------------------------ the loss
 
@@ -155,17 +156,14 @@ class Distill(Objective):
                                      jsd_beta=dc.jsd_beta, tail=dc.tail, chunk_size=chunk, normaliser=normaliser,
                                      **head.kwargs())
         ref_h = self.teacher_states(model, batch, ref_model)  # first, while no autograd graph is held
-        ref_head = self.teacher_head(model, ref_model)
         h = hidden_states(model, batch)[:, :-1][sel]
         head = output_layer(model)
         t, a = targets[sel], dc.alpha
         # (CE + (1 - a) / a D) / (n / a) = (a CE + (1 - a) D) / n; a = 0: no CE rows, D alone
         return chunked_loss(h, head.weight, t if a > 0 else torch.full_like(t, IGNORE), ref_hidden=ref_h,
-                            ref_weight=ref_head.weight.detach(),
-                            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
-                            kl_mask=torch.ones_like(t, dtype=torch.bool), kl_lambda=(1 - a) / a if a > 0 else 1.0,
+                            **self.teacher_head(model, ref_model), kl_mask=torch.ones_like(t, dtype=torch.bool), kl_lambda=(1 - a) / a if a > 0 else 1.0,
                             normaliser=normaliser / a if a > 0 else normaliser, temperature=dc.temperature,
-                            direction=dc.direction, jsd_beta=dc.jsd_beta, chunk_size=max(1, chunk // 2),
+                            direction=dc.direction, jsd_beta=dc.jsd_beta, chunk_size=chunk_with_reference(chunk),
                             **head.kwargs())
 
     def __call__(self, model, batch, normaliser, step, ref_model=None):
@@ -204,8 +202,7 @@ class Distill(Objective):
                     key = batch_key(batch, "teacher")
                     if key not in cache:
                         cache[key] = self.teacher_states(model, batch, ref_model)
-                    th = self.teacher_head(model, ref_model)
-                    kw = dict(ref_hidden=cache[key], ref_weight=th.weight, ref_bias=th.bias)
+                    kw = dict(ref_hidden=cache[key], **self.teacher_head(model, ref_model))
                 h = hidden_states(model, batch)[:, :-1][sel]
                 head = output_layer(model)
                 got = agreement_sums(h, head.weight, targets[sel], bias=head.bias, logit_scale=head.scale,

@@ -20,6 +20,8 @@ stored when it was sampled; the prompts the loop hands the steps in between are 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 import math
 import os
@@ -39,9 +41,10 @@ from ...generate import GenSettings, generate_many, merged, stop_ids
 from ...losses import grpo as G
 from ...losses.preference import token_logps
 from ...rewards import BUILTINS, compute_rewards, load_function, parse_specs
-from ..forward import base_hidden, hidden_states, output_layer
+from ...utils import eval_mode
+from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
 from .base import Objective, StepOut
-from .paired import collate_sequences, eval_mode
+from .paired import collate_sequences
 
 
 def _unwrapped(model):
@@ -51,8 +54,6 @@ def _unwrapped(model):
 
 def _merging(net):
     """`generate.merged`, unless the adapters are switched off (the base answering: nothing to merge)."""
-    from contextlib import nullcontext
-
     off = any(getattr(m, "disable_adapters", False) is True for m in net.modules())
     return nullcontext() if off else merged(net)
 
@@ -71,9 +72,8 @@ def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False
     Tc = int(lengths.max()) if lengths.numel() else 0
     kw = {}
     if want_ref:  # the base first, while no autograd graph is held
-        ref_head = output_layer(ref_model if ref_model is not None else model)
-        kw = dict(ref_hidden=base_hidden(model, batch, ref_model)[:, :-1][sel], ref_weight=ref_head.weight.detach(),
-                  ref_bias=None if ref_head.bias is None else ref_head.bias.detach())
+        kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model), **reference_head(model, ref_model))
+        chunk_size = chunk_with_reference(chunk_size)
     h = hidden_states(model, batch)[:, :-1][sel]             # (N, H), N = completion tokens
     head = output_layer(model)
     tl = token_logps(h, head.weight, targets[sel], bias=head.bias, chunk_size=chunk_size, logit_softcap=head.softcap,
