@@ -1,6 +1,8 @@
 """Rendering from sources: masks of the new formats, processes, the on-disk cache, prepare()."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,23 @@ def test_two_processes_render_what_one_does_and_the_cache_is_reused(tmp_path, to
     assert not render_source(open_source(p), tokenizer, max_length=32).cached  # other settings: rendered afresh
     jsonl(tmp_path / "c.jsonl", chat_rows(41))  # the content changed
     assert not render_source(open_source(p), tokenizer, max_length=64).cached
+
+
+def test_a_process_that_renders_second_leaves_the_first_ones_cache_in_place(tmp_path, tokenizer):
+    """The ranks of `accelerate launch` may render one file at once: the later finisher must not
+    replace the folder the earlier one is reading (it did, and a rank read an empty folder)."""
+    from slimtune.data.preprocess import _publish
+    p = jsonl(tmp_path / "c.jsonl", chat_rows(12))
+    first = render_source(open_source(p), tokenizer, max_length=64)
+    final = next(iter(first.ds.cache_files))["filename"]
+    inode = os.stat(final).st_ino
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "rendered.arrow").write_bytes(b"not arrow")
+    (late / "done").write_text("{}")
+    _publish(late, Path(final).parent)
+    assert os.stat(final).st_ino == inode and not late.exists()
+    assert render_source(open_source(p), tokenizer, max_length=64).ds.to_dict() == first.ds.to_dict()
 
 
 def test_prepare_matches_the_in_memory_path(tmp_path, tokenizer):

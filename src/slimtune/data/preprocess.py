@@ -113,6 +113,8 @@ def cache_key(source: Source, reader: Reader, tokenizer, train_on: str, max_leng
 
 def _load(folder: Path):
     parts = [Dataset.from_file(str(p)) for p in sorted(folder.glob("*.arrow"))]
+    if not parts:
+        raise FileNotFoundError(f"no .arrow files in {folder}")
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
@@ -131,7 +133,7 @@ def render_source(source: Source, tokenizer, fmt: str = "auto", columns: dict | 
         except Exception as e:  # a cache: a damaged copy costs one rendering, never the run
             print(f"note: the cached rendering {final} cannot be read ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:120]}); rendering again", file=sys.stderr)
-            shutil.rmtree(final, ignore_errors=True)
+            _set_aside(final)
         else:
             _raise_first_error(ds)
             return Rendered(ds, reader.format, reader.mapping, True, len(source))
@@ -157,9 +159,34 @@ def render_source(source: Source, tokenizer, fmt: str = "auto", columns: dict | 
         return Rendered(ds, reader.format, reader.mapping, False, len(source))
     (tmp / "done").write_text(json.dumps({"source": source.name, "rows": len(source), "examples": len(ds)}))
     del ds
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    _publish(tmp, final)
     return Rendered(_load(final), reader.format, reader.mapping, False, len(source))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished rendering into place with one rename. Other processes (the ranks of an
+    `accelerate launch`, two runs on one file) may render the same key at the same time: the first
+    rename wins and the others drop their copy, so no process ever reads a half-replaced folder."""
+    for _ in range(5):
+        try:
+            os.rename(tmp, final)  # refuses a non-empty `final`
+            return
+        except OSError:
+            if (final / "done").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            _set_aside(final)  # an unfinished folder from an older version or a killed process
+    raise OSError(f"cannot move the rendering {tmp} to {final}; remove {final.parent} and run again")
+
+
+def _set_aside(folder: Path) -> None:
+    """Remove `folder` without a window in which it exists half-deleted."""
+    aside = folder.parent / f".old-{folder.name}-{os.getpid()}"
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _raise_first_error(ds) -> None:

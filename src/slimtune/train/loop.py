@@ -162,7 +162,8 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation, quantize_4bit=method.four_bit,
                        device=str(acc.device))
-    data = objective.prepare_data(tokenizer, tc.seed, log=log)
+    with acc.main_process_first():  # rank 0 renders into the cache, the other ranks read it
+        data = objective.prepare_data(tokenizer, tc.seed, log=log)
     if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
         cfg.data.packing = data.stats.get("format") == "text"
     # The loss rebuilds logits from hidden states: check it against the model's own head once.
