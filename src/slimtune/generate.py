@@ -39,6 +39,7 @@ from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
 from .machine import bf16_supported
 from .methods import method_of, method_of_model
+from .train.precision import frozen_in
 from .utils import eval_mode
 
 Messages = list[dict[str, str]]
@@ -319,28 +320,15 @@ class _Cache(DynamicCache):
 
 @contextmanager
 def _cast_once(net):
-    """Under bf16 autocast, every Linear's float32 weight cast to bf16 once for the whole generation.
-
-    Autocast keeps its cast of a weight only if the weight requires grad, so a frozen base's
-    weights are cast again at every call: at batch 1 that moves 1.5x the bytes of the fp32 matmul
-    it replaces. The cast is the same rounding autocast does, so outputs are unchanged. Skipped
-    for an unmerged DoRA layer (its weight norm would see the rounded weight); restored on exit.
-    """
+    """Under bf16 autocast, every Linear's float32 weight cast to bf16 once for the whole generation
+    (`train.precision.frozen_in`: autocast would cast a frozen weight again at every call; at batch 1
+    that moves 1.5x the bytes of the fp32 matmul it replaces). Outputs are unchanged."""
     kind = next(net.parameters()).device.type
     if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
         yield
         return
-    skip = {id(sub) for m in net.modules() if len(getattr(m, "lora_magnitude_vector", ())) and not m.merged
-            for sub in m.modules()}
-    saved = [(m, m.weight) for m in net.modules()
-             if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and id(m) not in skip]
-    try:
-        for m, w in saved:  # a tied head gets its own copy; the embedding keeps the float32 table
-            m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    with frozen_in(net, torch.bfloat16, frozen_only=False):
         yield
-    finally:
-        for m, w in saved:
-            m.weight = w
 
 
 CUT_SHARE = 4

@@ -119,3 +119,78 @@ def test_auto_resolves_from_the_cpus_capability(tiny_dir, tmp_path, monkeypatch,
     assert any(line.startswith(f"precision: {want} ") for line in lines)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["mixed_precision"] == want
+
+
+def _batch(tok, examples):
+    from slimtune.data.batching import collate
+    return collate(examples[:4], tok.pad_token_id)
+
+
+def test_frozen_weights_are_cast_once_and_the_forward_is_autocasts_own(setup_):
+    from slimtune.train.precision import frozen_in
+    tok, examples = setup_
+    model, batch = lora_model(tok), _batch(tok, examples)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        cache = {}
+        with frozen_in(model, torch.bfloat16, cache):
+            inside = {n: p for n, p in model.named_parameters()}
+            got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with frozen_in(model, torch.bfloat16, cache):
+            again = {n: p for n, p in model.named_parameters()}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same rounding autocast does
+    cast = [n for n in frozen if inside[n].dtype == torch.bfloat16]
+    assert any("base_layer" in n for n in cast) and not any("embed" in n for n in cast)
+    assert all(p.dtype == torch.float32 for n, p in inside.items() if p.requires_grad)  # trained: untouched
+    assert all(again[n] is inside[n] for n in cast)  # the cache: cast once
+    assert all(p is frozen[n] for n, p in model.named_parameters() if n in frozen)  # restored
+
+
+def test_an_unmerged_dora_layer_keeps_its_float32_weight(setup_):
+    from slimtune.config import MethodCfg
+    from slimtune.methods import apply_method
+    from slimtune.train.precision import frozen_in
+    from tiny import make_model
+    tok, _ = setup_
+    model = apply_method(make_model(tok), MethodCfg(name="dora", r=4))
+    with frozen_in(model, torch.bfloat16):
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if "base_layer" in n}
+    assert dtypes and all(d == torch.float32 for d in dtypes.values())
+
+
+def test_a_bf16_step_with_the_model_equals_autocast_alone_up_to_float32_attention(setup_, tiny_dir):
+    """`autocast(model)` (frozen weights cast once, PEFT's input casts off) gives autocast's own
+    loss and gradients; fp32 attention moves them only within bf16 rounding, nearer float32's."""
+    from slimtune.train.precision import ATTENTION, use_fp32_attention
+    tok, examples = setup_
+    _, s32, g32 = step_with(None, tok, examples)
+    objective = make_objective(build_config({}, []))
+    runs = {}
+    for name in ("autocast", "model", "model+attention"):
+        model = lora_model(tok)
+        if name == "model+attention":
+            assert use_fp32_attention(model, "bf16", "cpu")
+            assert model.get_base_model().config._attn_implementation == ATTENTION
+        amp = Precision("bf16", "cpu")
+        if name == "autocast":
+            amp.autocast = lambda model=None, _a=amp.autocast: _a()  # the plain torch.autocast
+        sums = accumulate_grads(model, [examples[:4], examples[4:]], count_trained(examples), tok.pad_token_id,
+                                objective, amp=amp)
+        runs[name] = sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    (sa, ga), (sm, gm), (sf, gf) = runs["autocast"], runs["model"], runs["model+attention"]
+    assert sm["ce"] == pytest.approx(sa["ce"], rel=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gm[n], ga[n], rtol=1e-3, atol=1e-6)
+    assert sf["ce"] != sa["ce"] and sf["ce"] == pytest.approx(s32["ce"], rel=1e-2)
+    assert abs(sf["ce"] - s32["ce"]) <= abs(sa["ce"] - s32["ce"]) * 1.5
+
+
+def test_fp32_attention_only_where_it_pays(setup_):
+    from slimtune.train.precision import use_fp32_attention
+    tok, _ = setup_
+    assert not use_fp32_attention(lora_model(tok), "no", "cpu")
+    assert not use_fp32_attention(lora_model(tok), "bf16", "cuda")
+    model = lora_model(tok)
+    model.get_base_model().config._attn_implementation = "eager"
+    assert not use_fp32_attention(model, "bf16", "cpu")

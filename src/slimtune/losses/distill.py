@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..config import CHUNK_SIZE
 from ..data.render import IGNORE
-from .head import (check_shapes, head_backward, head_grad_buffers, project, run_chunks, scale_stored_grads,
-                   tempered_log_softmax)
+from .head import (check_shapes, head_backward, head_grad_buffers, matmul_dtype, project, run_chunks,
+                   scale_stored_grads, tempered_log_softmax)
 from .sft import DIRECTIONS, LossOut, kl_terms
 
 TAILS = ("bucket", "renorm")
@@ -93,8 +93,8 @@ class _TopKLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ids, logps, chunk, o, needs):
         need_h, need_w, need_b = needs
-        w = weight.detach().to(hidden.dtype)
-        b = None if bias is None else bias.detach().to(hidden.dtype)
+        w = weight.detach().to(matmul_dtype(hidden))
+        b = None if bias is None else bias.detach().to(matmul_dtype(hidden))
         v = weight.shape[0]
         grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
         ce_sum, kl_sum = run_chunks(ctx, hidden, weight, bias, w, chunk, grads,

@@ -32,11 +32,19 @@ def check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Te
         raise ValueError(f"ref_weight has {ref_weight.shape[0]} rows, weight {weight.shape[0]}: one vocabulary")
 
 
+def matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in for input `t`: autocast's where it is on (it would cast
+    both operands anyway), else `t`'s. A loss casts its weight to it once, not at every chunk."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
 def project(h: Tensor, w: Tensor, b: Tensor | None, transform: tuple, keep_tanh: bool = False):
-    """(c, H) @ (V, H).T (+ b) in the input dtype, then fp32 (c, V), times `scale`, soft-capped by `cap`
+    """(c, H) @ (V, H).T (+ b) in the input dtype (autocast's under autocast), then fp32 (c, V), times `scale`, soft-capped by `cap`
     (transform = (scale or None, cap or None))."""
     scale, cap = transform
-    z = F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype)).float()
+    dt = matmul_dtype(h)
+    z = F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt)).float()
     if scale is not None:
         z = z * scale
     tanh_z = None

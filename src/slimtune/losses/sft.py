@@ -24,8 +24,8 @@ from torch import Tensor
 
 from ..config import CHUNK_SIZE
 from ..data.render import IGNORE  # one definition: the label of untrained positions
-from .head import (check_shapes, head_backward, head_grad_buffers, project, run_chunks, scale_stored_grads,
-                   tempered_log_softmax)
+from .head import (check_shapes, head_backward, head_grad_buffers, matmul_dtype, project, run_chunks,
+                   scale_stored_grads, tempered_log_softmax)
 
 DIRECTIONS = ("forward", "reverse", "jsd")
 
@@ -151,13 +151,13 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, kl_mask, opts):
         lam, tau, direction, beta, chunk, transform, norm, (need_h, need_w, need_b) = opts
         v = weight.shape[0]
-        w = weight.detach().to(hidden.dtype)  # a no-op unless dtypes differ
-        b = None if bias is None else bias.detach().to(hidden.dtype)
+        w = weight.detach().to(matmul_dtype(hidden))  # once (autocast's dtype under autocast)
+        b = None if bias is None else bias.detach().to(matmul_dtype(hidden))
         rw = rb = None
         if ref_hidden is not None:
             ref_hidden = ref_hidden.detach()
-            rw = ref_weight.detach().to(ref_hidden.dtype)
-            rb = None if ref_bias is None else ref_bias.detach().to(ref_hidden.dtype)
+            rw = ref_weight.detach().to(matmul_dtype(ref_hidden))
+            rb = None if ref_bias is None else ref_bias.detach().to(matmul_dtype(ref_hidden))
         grads = head_grad_buffers(hidden, v, need_h, need_w, need_b)
         any_grad = need_h or need_w or need_b
         kl_grad = any_grad and ref_hidden is not None and lam != 0.0

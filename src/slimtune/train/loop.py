@@ -45,7 +45,7 @@ from .heldout import heldout_metrics
 from .layer_choice import auto_k, choose_layers, layer_scores
 from .objectives import Objective, make_objective
 from .optim import make_optimizer, make_scheduler, set_mode
-from .precision import Precision, check_precision
+from .precision import Precision, check_precision, use_fp32_attention
 from .trackers import check_trackers, make_trackers
 
 
@@ -162,6 +162,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
     model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation, quantize_4bit=method.four_bit,
                        device=str(acc.device))
+    use_fp32_attention(model, tc.mixed_precision, acc.device.type, log)  # CPU + bf16: see train/precision.py
     with acc.main_process_first():  # rank 0 renders into the cache, the other ranks read it
         data = objective.prepare_data(tokenizer, tc.seed, log=log)
     if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
@@ -305,7 +306,7 @@ def accumulate_grads(model, micro: list[list[dict]], units: float, pad_id: int, 
         batch = {k: v.to(device) for k, v in objective.collate(rows, pad_id).items()}
         last = j == len(micro) - 1
         with acc.no_sync(model) if acc and not last else nullcontext():  # sync once per step
-            with amp.autocast():  # train.mixed_precision: forward and loss
+            with amp.autocast(model):  # train.mixed_precision: forward and loss
                 out = objective(model, batch, units / world, step, ref_model)
             amp.backward(out.loss, acc)
         for k, v in out.sums.items():

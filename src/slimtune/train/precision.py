@@ -11,12 +11,22 @@ Weights that train (adapters, or every weight in full fine-tuning) and the optim
 float32: autocast casts copies for the matmuls, never the parameters. The chunked loss computes
 its softmax in float32 whatever the matmul dtype (losses.py). bf16 has float32's range, so it
 needs no scaling; fp16 does (its largest value is 65504, its smallest normal 6e-5).
+
+What autocast alone leaves slow, and `autocast(model)` changes (measured on a 2-core Xeon with AMX,
+the quickstart: see BENCHMARKS.md, "Precision"):
+- a frozen weight is cast again at every call (autocast caches only weights that require grad):
+  `frozen_in` casts each frozen Linear weight once for the run, the same rounding autocast does;
+- PEFT casts a LoRA layer's input back to the adapter's float32 and autocast casts it down again:
+  switched off for the block, the values are the same;
+- on a CPU, bf16 attention's backward is ~2x slower than float32's at training shapes (head dim
+  64, a few hundred tokens): attention that will be differentiated runs in float32 there
+  (`ATTENTION`, `use_fp32_attention`); generation and evaluation keep bf16 attention.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
@@ -39,11 +49,20 @@ class Precision:
         self.skipped = 0
         """Steps skipped because their fp16 gradients overflowed."""
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self._frozen: dict = {}
+        """Module -> (its float32 weight, that weight in self.dtype): made once, frozen weights never change."""
 
-    def autocast(self):
+    def autocast(self, model=None):
+        """torch.autocast for the mode; with `model`, its frozen weights cast once and PEFT's input
+        casts off for the block (see the module doc). Nothing for mode "no"."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        stack = ExitStack()
+        stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
+        if model is not None:
+            stack.enter_context(frozen_in(model, self.dtype, self._frozen))
+            stack.enter_context(peft_input_casts_off(model))
+        return stack
 
     def backward(self, loss: torch.Tensor, acc=None) -> None:
         if self.scaler is not None:
@@ -91,3 +110,93 @@ def check_precision(mode: str, device: str, weights_dtype: str) -> None:
                               "Ampere, MPS before macOS 14); use train.mixed_precision=fp16 or no")
         print("warning: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast is emulated and "
               "slower than float32", file=sys.stderr)
+
+
+@contextmanager
+def frozen_in(net, dtype: torch.dtype, cache: dict | None = None, frozen_only: bool = True):
+    """Every float32 `nn.Linear` weight of `net` that does not train, in `dtype` for the block.
+
+    Autocast casts such a weight at every call (it keeps only casts of weights that require
+    grad); this is the same rounding done once. `cache` keeps the casts between blocks (training:
+    frozen weights never change). Left alone: weights that train (unless `frozen_only=False`, for
+    inference), an unmerged DoRA layer's (its weight norm would see the rounded weight), sharded
+    (FSDP) ones. Restored on exit; a tied head gets its own copy, the embedding table stays float32.
+    """
+    from torch.distributed.tensor import DTensor
+
+    skip = {id(sub) for m in net.modules() if len(getattr(m, "lora_magnitude_vector", ())) and not m.merged
+            for sub in m.modules()}
+    saved = []
+    for m in net.modules():
+        w = getattr(m, "weight", None)
+        if (not isinstance(m, torch.nn.Linear) or w is None or w.dtype != torch.float32 or id(m) in skip
+                or (frozen_only and w.requires_grad) or isinstance(w.data, DTensor)):
+            continue
+        hit = cache.get(m) if cache is not None else None
+        if hit is None or hit[0] is not w:
+            hit = (w, torch.nn.Parameter(w.detach().to(dtype), requires_grad=False))
+            if cache is not None:
+                cache[m] = hit
+        saved.append((m, w, hit[1]))
+    try:
+        for m, _, low in saved:
+            m.weight = low
+        yield
+    finally:
+        for m, w, _ in saved:
+            m.weight = w
+
+
+@contextmanager
+def peft_input_casts_off(net):
+    """PEFT's tuner layers cast their input to the adapter's dtype (float32 here) before the adapter
+    matmul, which autocast then casts back down: off for the block (`cast_input_dtype_enabled`)."""
+    layers = [m for m in net.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True
+
+
+ATTENTION = "slimtune_sdpa"
+"""An attention implementation registered with transformers: PyTorch SDPA, in float32 where a CPU
+under bf16 autocast would differentiate it (bf16's backward is the slow one), plain SDPA elsewhere."""
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                  **kwargs)
+        return out.to(torch.bfloat16), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_fp32_attention(model, mode: str, device: str, log=None) -> bool:
+    """Switch a model that uses SDPA to `ATTENTION` when training runs bf16 autocast on a CPU.
+    Returns whether it did (models without transformers' attention interface keep theirs)."""
+    if mode != "bf16" or str(device).split(":")[0] != "cpu":
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    try:
+        base.set_attn_implementation(ATTENTION)
+    except Exception as e:  # an architecture that cannot switch: autocast's bf16 attention, correct, slower
+        if log:
+            log(f"note: attention stays bf16 SDPA ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return False
+    return True
