@@ -283,7 +283,8 @@ class DistillCfg:
     The teacher is one of: `teacher` (a model in memory), `teacher_logprobs` (a stored top k,
     `slimtune data teacher`), or `teacher_system` / `teacher_prefix` (the base model itself, shown
     that context: context distillation). loss = alpha CE + (1 - alpha) tau^2 D(teacher || student)
-    per trained token."""
+    per trained token; on `on_policy` batches tau^2 KL(student || teacher) on answers the student
+    generates."""
 
     teacher: str | None = None
     """The teacher: a hub id, model folder, .gguf, or a run folder (its adapter merged in memory).
@@ -314,7 +315,17 @@ class DistillCfg:
     distributions renormalised over the k ids (renorm); losses/distill.py."""
     on_policy: float = 0.0
     """Share of batches (0-1) whose answers the student generates for the batch's prompts (GKD's
-    lambda), scored by the teacher. Not implemented yet: only 0 (the data's answers) is accepted."""
+    lambda), scored by the teacher with the per-token reverse KL(student || teacher) on those
+    answers; the other batches train on the data's answers as above. Which batches: drawn from
+    (train.seed, step, batch), so a resumed run makes the same choices."""
+    max_new_tokens: int = 128
+    """On-policy batches: longest answer the student generates (stopped at its end-of-turn token)."""
+    sample_temperature: float = 1.0
+    """On-policy batches: the student's sampling temperature (> 0; 1: its own distribution, as GKD).
+    Not distill.temperature, which softens the divergence."""
+    samples_every: int = 10
+    """On-policy: write the generated answers of a batch to RUN/samples.jsonl at most every N steps;
+    0: never."""
     teacher_dtype: str = "auto"
     """auto: bfloat16 where the device computes it natively (machine.bf16_supported), else the
     student's dtype; or float32, bfloat16, float16, 4bit (NF4, CUDA only)."""
@@ -336,9 +347,13 @@ class DistillCfg:
             raise ConfigError(f"distill: set one teacher, not {' and '.join(modes)} (teacher: a model; "
                               "teacher_logprobs: a stored top k; teacher_system / teacher_prefix: the base "
                               "shown a context)")
-        if self.on_policy:  # the loop's begin_step hook is where it goes (train/objectives/base.py)
-            raise ConfigError("distill.on_policy > 0 (GKD's on-policy batches) is not implemented yet; "
-                              "set distill.on_policy=0")
+        if self.max_new_tokens < 1 or self.sample_temperature <= 0 or self.samples_every < 0:
+            raise ConfigError("distill.max_new_tokens must be >= 1, distill.sample_temperature > 0 and "
+                              "distill.samples_every >= 0")
+        if self.on_policy and self.teacher_logprobs:  # a store covers the data's answers only
+            raise ConfigError("distill.on_policy > 0 needs a teacher that scores the student's own answers; "
+                              "distill.teacher_logprobs holds log-probs of the data's answers only. Set "
+                              "distill.teacher (or teacher_system / teacher_prefix), or distill.on_policy=0")
 
     def mode_set(self, mode: str) -> bool:
         return bool(self.teacher_system or self.teacher_prefix) if mode == "context" else bool(getattr(self, mode))

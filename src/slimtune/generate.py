@@ -166,9 +166,10 @@ def generate(model, tokenizer, messages: Messages, max_new_tokens: int = _EVAL.m
     return out
 
 
-def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings = GenSettings(),
+def generate_many(model, tokenizer, chats: list[Messages] | None, settings: GenSettings = GenSettings(),
                   batch_size: int = 32, log=None, adapter_on: list[bool] | None = None,
-                  seeds: list[int] | None = None, streamer=None, return_ids: bool = False) -> list[dict]:
+                  seeds: list[int] | None = None, streamer=None, return_ids: bool = False,
+                  prompt_ids: list[list[int]] | None = None) -> list[dict]:
     """Answer every chat (each ending with a user turn); answers in the order of `chats`.
 
     Returns [{text, n_tokens, ended, seconds}] as `generate.generate` does, except that `seconds`
@@ -181,7 +182,13 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
     side alone. seeds: per chat sampling seed (default settings.seed + its position).
     streamer (one chat): `put(list of new ids)` after each step, `end()` after the last.
     return_ids: each answer also has "ids", its generated token ids (the stop token included).
+    prompt_ids: the prompts already rendered (token ids ending with the assistant header), answered
+    instead of `chats` (pass None): training rows whose chats are kept only as tokens.
     """
+    if prompt_ids is not None:
+        if chats is not None:
+            raise ValueError("pass chats or prompt_ids, not both")
+        chats = [None] * len(prompt_ids)
     if not chats:
         return []
     if adapter_on is not None and not can_mix(model):
@@ -191,7 +198,7 @@ def generate_many(model, tokenizer, chats: list[Messages], settings: GenSettings
         name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
         names = [name if on else "__base__" for on in adapter_on]  # PEFT's name for "no adapter"
     seeds = seeds if seeds is not None else [settings.seed + i for i in range(len(chats))]
-    prompts = [render_prompt(c, tokenizer) for c in chats]
+    prompts = [list(p) for p in prompt_ids] if prompt_ids is not None else [render_prompt(c, tokenizer) for c in chats]
     stops = stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch

@@ -44,7 +44,8 @@ class ObjectiveSpec:
     reward (greedy) and, in `slimtune eval`, the instruction-following pass rate base -> tuned."""
     generates: bool = False
     """Its training rows are made during each step from the current model (`begin_step`: sampled
-    completions); the loop then counts the step's units after that, over all processes."""
+    completions); the loop then counts the step's units after that, over all processes. An objective
+    that generates only for some settings says so itself (`Objective.generates`: distill.on_policy)."""
 
 
 SPECS: dict[str, ObjectiveSpec] = {s.name: s for s in (

@@ -1,9 +1,11 @@
 """loss.objective=distill on tiny models: a step's loss and gradients equal a float64 full-logit
 reference (student and a teacher of another width and other weights), only trainable parameters
 move, the stored top k equals the teacher in memory, a foreign vocabulary is refused, context
-distillation aligns the answer tokens of the two renderings, and a short run trains and evaluates."""
+distillation aligns the answer tokens of the two renderings, and a short run trains and evaluates;
+on-policy batches hold the student's own answers, scored by a float64 reverse-KL reference."""
 
 import json
+import math
 
 import pytest
 from test_distill import div64
@@ -264,3 +266,164 @@ def test_data_teacher_then_training_from_the_store(tiny_dir, tmp_path):
               log=lambda *_: None)
     assert s["before"]["eval_teacher_loss"] is None  # a stored top k has no log-prob for every target
     assert s["after"]["eval_kl_teacher"] >= 0 and s["last_train"]["kl_teacher"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# on-policy batches (distill.on_policy, GKD)
+
+
+def _on_policy(tok, model=None, **distill):
+    """On-policy distillation from `model` (in memory) or the teacher `distill` names."""
+    return objective(tok, model, **{"teacher": "in-memory", "on_policy": 1.0, "max_new_tokens": 10, **distill})
+
+
+def _answered(obj, model, rows, step=0):
+    """The rows as begin_step makes them, for a step's first batch."""
+    obj.cfg.train.output_dir = "/nonexistent"  # no samples written in these tests
+    obj.dc.samples_every = 0
+    return obj.begin_step(model, rows, step)
+
+
+def test_an_on_policy_batch_holds_the_students_own_answers(tok, rows):
+    """The batch is prompt + what generate_many answers the chat's prompt (same settings and
+    seeds), labels on the answer ids only, the end-of-turn token included where it stopped."""
+    from slimtune.generate import generate_many, merged
+
+    model = student(tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    bias = torch.zeros(len(tok))
+    bias[end] = 5.0  # make the random model stop now and then, so both ends occur
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        obj = _on_policy(tok, make_model(tok, hidden=48, seed=1), sample_temperature=1.3)
+        got = _answered(obj, model, rows, step=3)
+        with merged(model):
+            want = generate_many(model, tok, [c[:-1] for c in CHATS], obj.settings(), seeds=obj.seeds(3, 0, len(CHATS)),
+                                 return_ids=True)
+    finally:
+        hook.remove()
+    assert {a["ended"] for a in want} == {True, False}
+    for r, chat, w in zip(got, CHATS, want):
+        prompt = tok.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
+        n = len(r["input_ids"]) - len(w["ids"])
+        assert tok.decode(r["input_ids"][:n]) == prompt  # the data's prompt, its last answer gone
+        assert r["input_ids"][n:] == w["ids"] and r["labels"] == [IGNORE] * n + w["ids"]
+        assert (w["ids"][-1] == end) == w["ended"]
+    batch = obj.collate(got, tok.pad_token_id)
+    assert batch["on_policy"].all() and count_trained(got) == sum(len(w["ids"]) for w in want)
+
+
+@pytest.mark.parametrize("tau,alpha", [(1.0, 0.0), (2.0, 0.5)])
+def test_on_policy_loss_is_the_reverse_kl_of_a_float64_reference(tok, rows, tau, alpha):
+    """tau^2 KL(student || teacher) on the answer tokens, no CE whatever alpha; gradients equal
+    plain autograd's and reach the student's trainable parameters only."""
+    model, teacher = student(tok), make_model(tok, hidden=48, seed=1)
+    obj = _on_policy(tok, teacher, temperature=tau, alpha=alpha, direction="forward")  # direction: data batches
+    got = _answered(obj, model, rows)
+    batch = obj.collate(got, tok.pad_token_id)
+    n = count_trained(got) + 3
+    out = obj(model, batch, n, 0)
+    out.loss.backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    sel = batch["labels"][:, 1:] != IGNORE
+    kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        zt = teacher(**kw).logits[:, :-1][sel].double()
+    z = model(**kw).logits[:, :-1][sel].double()
+    ref = div64((zt / tau).log_softmax(-1), (z / tau).log_softmax(-1), "reverse", 0.5).sum() * tau**2 / n
+    ref.backward()
+    assert float(out.loss) == pytest.approx(float(ref), rel=1e-5)
+    assert out.sums["kl_on"] == pytest.approx(float(ref) * n, rel=1e-5) and out.sums["ce"] == 0
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[k], p.grad, atol=1e-6, rtol=2e-4)
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is read under no_grad
+    row = obj.summarize(out.sums, n - 3, 0)
+    assert row["on_policy"] == 1 and row["kl_on_policy"] == pytest.approx(float(ref) * n / (n - 3), rel=1e-5)
+    assert row["kl_teacher"] is None and row["answer_length"] == (n - 3) / len(rows)
+
+
+def test_on_policy_context_teacher_scores_the_answer_seeing_its_context(tok):
+    """Context distillation on-policy: the base reads its own prompt (with the context) followed by
+    the student's answer ids; the loss is the reverse KL against that."""
+    model = student(tok)
+    rows = [context_row(c, tok, SYSTEM, "Answer briefly.") for c in CHATS]
+    obj = _on_policy(tok, None, teacher=None, teacher_system=SYSTEM, teacher_prefix="Answer briefly.")
+    got = _answered(obj, model, rows)
+    for r, chat in zip(got, CHATS):
+        seen = tok.apply_chat_template(with_context(chat[:-1], SYSTEM, "Answer briefly."), tokenize=False,
+                                       add_generation_prompt=True)
+        n = len(r["teacher_input_ids"]) - len(r["answer_ids"])
+        assert tok.decode(r["teacher_input_ids"][:n]) == seen and r["teacher_input_ids"][n:] == r["answer_ids"]
+        assert trained_targets(r["labels"]) == trained_targets(r["teacher_labels"]) == r["answer_ids"]
+    batch = obj.collate(got, tok.pad_token_id)
+    n = count_trained(got)
+    out = obj(model, batch, n, 0)
+    t = collate([{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]} for r in got], tok.pad_token_id)
+    with torch.no_grad(), adapters_disabled(model):
+        kw = {k: v for k, v in t.items() if k in ("input_ids", "attention_mask")}
+        zt = model(**kw).logits[:, :-1][t["labels"][:, 1:] != IGNORE].double()
+    with torch.no_grad():
+        kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        z = model(**kw).logits[:, :-1][batch["labels"][:, 1:] != IGNORE].double()
+    ref = div64(zt.log_softmax(-1), z.log_softmax(-1), "reverse", 0.5).sum() / n
+    assert float(out.loss) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_which_batches_are_on_policy_is_a_seeded_share(tok, rows):
+    obj = objective(tok, None, teacher="in-memory", on_policy=0.5)
+    picks = [obj.on_policy_batch(step, i) for step in range(300) for i in range(2)]
+    assert 0.43 < sum(picks) / len(picks) < 0.57
+    again = objective(tok, None, teacher="in-memory", on_policy=0.5)  # a re-run or a resumed one
+    assert picks == [again.on_policy_batch(step, i) for step in range(300) for i in range(2)]
+    other = build_config({"loss": {"objective": "distill"}, "train": {"seed": 1},
+                          "distill": {"teacher": "in-memory", "on_policy": 0.5}})
+    assert picks != [make_objective(other).on_policy_batch(step, i) for step in range(300) for i in range(2)]
+    # begin_step: the step's k-th call is batch k; off-policy batches pass through untouched
+    model = student(tok)
+    obj.tokenizer, obj.teacher = tok, make_model(tok, hidden=48, seed=1)
+    obj.dc.max_new_tokens, obj.dc.samples_every = 4, 0
+    step = next(s for s in range(50) if obj.on_policy_batch(s, 0) != obj.on_policy_batch(s, 1))
+    a, b = rows[:2], rows[2:]
+    first, second = obj.begin_step(model, a, step), obj.begin_step(model, b, step)
+    for got, given, i in ((first, a, 0), (second, b, 1)):
+        assert (got is given) != obj.on_policy_batch(step, i)
+    assert obj._pending["batches"] == 2 and obj._pending["on_batches"] == 1
+
+
+def test_on_policy_prompts_and_refusals(tok, tmp_path):
+    from slimtune.train.objectives.distill import answer_start
+
+    ids, labels = render_chat(CHATS[2], tok)
+    p = answer_start(labels)
+    assert tok.decode(ids[:p]).endswith("Another<|im_end|>\n<|im_start|>assistant\n")
+    assert answer_start([5, 6, 7]) == 0 and answer_start([IGNORE, IGNORE]) == 0
+    with pytest.raises(ConfigError, match="distill.on_policy.*distill.teacher_logprobs"):
+        build_config({"loss": {"objective": "distill"}, "distill": {"teacher_logprobs": "store", "on_policy": 0.5}})
+    with pytest.raises(ConfigError, match=r"on_policy must be in \[0, 1\]"):
+        build_config({"loss": {"objective": "distill"}, "distill": {"teacher": "t", "on_policy": 1.5}})
+    data = _data(tmp_path / "d.jsonl")
+    cfg = build_config({"loss": {"objective": "distill"}, "data": {"train": data, "train_on": "all", "cache": False},
+                        "distill": {"teacher": "t", "on_policy": 0.5}})
+    with pytest.raises(ConfigError, match="trained from their first token"):
+        make_objective(cfg).prepare_data(tok)
+
+
+def test_a_short_on_policy_run_trains_and_writes_samples(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    teacher = save_tiny(tmp_path / "teacher", "chatml", hidden=48, seed=1)
+    data = _data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    s = train(build_config({}, _args(tiny_dir, data, out, **{
+        "distill.teacher": teacher, "distill.on_policy": 1.0, "distill.max_new_tokens": 8,
+        "distill.samples_every": 2})), log=lambda *_: None)
+    last = s["last_train"]
+    assert last["on_policy"] == 1.0 and math.isfinite(last["loss"]) and last["kl_on_policy"] > 0
+    assert 1 <= last["answer_length"] <= 8 and last["kl_teacher"] is None
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples] == [0] * 4 + [2] * 4  # 3 steps, every 2nd: steps 0 and 2
+    assert all(x["prompt"].endswith("<|im_start|>assistant\n") and 1 <= x["n_tokens"] <= 8 for x in samples)

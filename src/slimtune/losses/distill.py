@@ -15,6 +15,9 @@ teacher's final hidden states and output matrix as the reference. For alpha > 0,
 since (CE + (1 - a) / a * D) / (n / a) = (a * CE + (1 - a) * D) / n. (alpha = 0: targets all -100
 and kl_mask = the trained rows; CE is then not measured.)
 
+On-policy batches (GKD; the student's own answers, train/objectives/distill.py) are the same call
+with alpha = 0 and direction reverse: tau^2 * sum_i KL(student_i || teacher_i) / normaliser.
+
 Stored (top-k teacher log-probs written by slimtune.teacher): `topk_distill_loss`.
 """
 

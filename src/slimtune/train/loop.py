@@ -254,7 +254,7 @@ def step(s: Session) -> dict:
     group = s.batches[loop["batch"]: loop["batch"] + need]
     loop["batch"] += need
     mine = group[acc.process_index::acc.num_processes]
-    if s.objective.spec.generates:
+    if s.objective.generates:
         # rows made during the step (completions sampled from the model now): their units are
         # known only where they were made, so the processes add theirs up
         batches = [s.objective.begin_step(s.model, [s.rows[i] for i in idx], loop["step"], s.ref_model)

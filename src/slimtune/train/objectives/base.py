@@ -50,6 +50,12 @@ class Objective:
         return self.spec.packable
 
     @property
+    def generates(self) -> bool:
+        """Rows are made during each step (`begin_step`): the spec's flag, unless the objective
+        generates only for some settings (distill: distill.on_policy > 0)."""
+        return self.spec.generates
+
+    @property
     def uses_reference(self) -> bool:
         """The loss needs the base model's outputs."""
         return self.spec.reference != "none"
@@ -66,7 +72,7 @@ class Objective:
         """Called once after set-up, before the first evaluation (e.g. precompute the reference)."""
 
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
-        """Objectives whose spec `generates`: the step's rows (this process's share of one batch)
+        """Objectives that `generate`: the step's rows (this process's share of one batch)
         -> the rows it trains on, made now from the current model (e.g. sampled completions with
         their rewards); called once per batch, before it is cut into micro-batches."""
         return rows

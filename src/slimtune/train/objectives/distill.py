@@ -14,11 +14,29 @@ A teacher in memory goes through the KL-SFT path: its final hidden states at the
 positions are the reference of `losses.chunked_loss`, projected by its own output layer chunk by
 chunk (losses/distill.py says how alpha maps onto kl_lambda). The stored teacher uses
 `losses.distill.topk_distill_loss`. No (N, V) logits exist for a batch in either.
+
+On-policy batches (distill.on_policy = lambda, GKD): a share lambda of the batches, drawn from
+(train.seed, step, the batch's place in the step), train on answers the student generates now:
+
+    begin_step   rows --prompt: the tokens before each row's last answer--> generate_many (adapters
+                 merged, no grad, distill.max_new_tokens, distill.sample_temperature)
+                 --> rows {prompt + answer ids, labels on the answer ids only, on_policy}; context
+                 distillation: the teacher's row is its own prompt (with the context) + the same ids
+    loss         tau^2 KL(student || teacher) per answer token (chunked_loss, direction reverse, no
+                 CE: the student's own samples are no target), over the step's trained tokens
+
+Reverse KL on the student's own samples is the mode-seeking divergence of on-policy distillation
+(GKD with beta = 1, TRL's lmbda and beta): the teacher corrects what the student actually says,
+not the data's answers. A stored teacher cannot score new answers (refused in config.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import zlib
 
 import torch
 
@@ -27,6 +45,7 @@ from ...data.context import prepare_context
 from ...data.prepare import examples, prepare, render
 from ...data.render import IGNORE
 from ...errors import ConfigError, DataError
+from ...generate import GenSettings, generate_many, merged
 from ...losses.distill import agreement_sums, topk_distill_loss
 from ...losses.sft import LossOut, chunked_loss
 from ...teacher import hash_rows, load_teacher, read_teacher_logprobs, teacher_dtype
@@ -35,6 +54,39 @@ from ..base_states import batch_key
 from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
 from .base import Objective, StepOut
 from .paired import to_device
+
+
+SAMPLES_PER_WRITE = 4
+"""On-policy answers written to RUN/samples.jsonl each time (distill.samples_every): a few to read."""
+
+
+def answer_start(labels: list[int]) -> int:
+    """Position of the first token of the row's last trained run (its last answer): the tokens
+    before it, the assistant header included, are the prompt the student answers on-policy.
+    0 when the row is trained from its first token (no prompt)."""
+    end = max((t for t in range(1, len(labels)) if labels[t] != IGNORE), default=0)
+    start = end
+    while start > 1 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start if end and labels[start - 1] == IGNORE else 0
+
+
+def nth_trained(labels: list[int], n: int) -> int:
+    """Position of the n-th trained token (n >= 1, positions >= 1, as `trained_targets` counts)."""
+    seen = 0
+    for t in range(1, len(labels)):
+        if labels[t] != IGNORE:
+            seen += 1
+            if seen == n:
+                return t
+    raise ValueError(f"the row has {seen} trained tokens, not {n}")
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world size): which batches of a step are this process's."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class Distill(Objective):
@@ -51,6 +103,17 @@ class Distill(Objective):
         """distill.teacher: the model, once loaded."""
         self.store = None
         """distill.teacher_logprobs: the opened store (teacher.TeacherLogprobs)."""
+        self._calls = (-1, 0)
+        """On-policy: (step, begin_step calls in it): which of this process's batches this is."""
+        self._pending: dict[str, float] = {}
+        """On-policy: the step's batch and answer counts, added to its first micro-batch's sums."""
+        self._next_samples = 0
+        """On-policy: the first step whose answers are written to samples.jsonl next."""
+
+    @property
+    def generates(self) -> bool:
+        """On-policy batches are generated in `begin_step`; off-policy distillation generates nothing."""
+        return self.dc.on_policy > 0
 
     # ------------------------------------------------------------------ data
 
@@ -60,10 +123,16 @@ class Distill(Objective):
 
         self.tokenizer = tokenizer
         if self.dc.mode == "context":
-            return prepare_context(self.cfg.data, tokenizer, self.dc.teacher_system, self.dc.teacher_prefix, seed, log)
-        data = prepare(self.cfg.data, tokenizer, seed, log=log)
+            data = prepare_context(self.cfg.data, tokenizer, self.dc.teacher_system, self.dc.teacher_prefix, seed, log)
+        else:
+            data = prepare(self.cfg.data, tokenizer, seed, log=log)
         if self.dc.mode == "teacher_logprobs":
             self.attach_store(data.train, data.val, tokenizer, seed)
+        if self.dc.on_policy and any(answer_start(r["labels"]) == 0 for r in data.train):
+            raise ConfigError("distill.on_policy > 0 answers each chat's prompt (the tokens before its last "
+                              "answer), but some training rows are trained from their first token (raw text, "
+                              "or data.train_on=all): use chats with data.train_on=assistant or last, or "
+                              "distill.on_policy=0")
         return data
 
     def attach_store(self, train: list[dict], val: list[dict], tokenizer, seed: int = 0) -> None:
@@ -90,6 +159,81 @@ class Distill(Objective):
                 if i is not None:
                     r["teacher_row"] = i
 
+    # ------------------------------------------------------------------ on-policy batches
+
+    def on_policy_batch(self, step: int, index: int) -> bool:
+        """Whether batch `index` of `step` (its place among the step's batches on all processes) is
+        on-policy: a draw from (train.seed, step, index) alone, so a resumed run or a re-run
+        chooses the same."""
+        seed = zlib.crc32(f"{self.cfg.train.seed}|{step}|{index}|on_policy".encode())
+        return random.Random(seed).random() < self.dc.on_policy
+
+    def settings(self) -> GenSettings:
+        """How the student answers: sampled at distill.sample_temperature, nothing else changing its
+        distribution (no top-p / top-k / penalties: the loss assumes its own samples)."""
+        return GenSettings(max_new_tokens=self.dc.max_new_tokens, temperature=self.dc.sample_temperature,
+                           top_p=1.0, top_k=0, autocast="bf16" if self.cfg.train.mixed_precision == "bf16" else "no")
+
+    def seeds(self, step: int, index: int, n: int) -> list[int]:
+        """One sampling seed per answer, from (train.seed, step, batch index, row in the batch)."""
+        return [zlib.crc32(f"{self.cfg.train.seed}|{step}|{index}|{i}".encode()) & 0x7FFFFFFF for i in range(n)]
+
+    def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
+        """One batch's rows -> the same rows (off-policy) or the student's answers to their prompts."""
+        k = self._calls[1] + 1 if self._calls[0] == step else 0
+        self._calls = (step, k)
+        if k == 0:
+            self._pending = {}
+        rank, world = _process()
+        index = rank + k * world  # the loop gives process `rank` the step's batches rank, rank + world, ...
+        on = self.on_policy_batch(step, index)
+        out = self.answer(model, rows, step, index) if on else rows
+        add = {"batches": 1.0, "on_batches": float(on), "answers": float(len(out) if on else 0),
+               "answer_tokens": float(sum(len(r["answer_ids"]) for r in out) if on else 0),
+               "answers_ended": float(sum(r["ended"] for r in out) if on else 0)}
+        for key, v in add.items():
+            self._pending[key] = self._pending.get(key, 0.0) + v
+        if on and self.dc.samples_every and step >= self._next_samples and rank == 0:
+            self.write_samples(out, step)
+            self._next_samples = step + self.dc.samples_every
+        return out
+
+    @torch.no_grad()
+    def answer(self, model, rows: list[dict], step: int, index: int) -> list[dict]:
+        """The student's answers to the rows' prompts, as rows whose labels are the answer ids
+        (the end-of-turn token included when it stopped there); see the module docstring."""
+        net = getattr(model, "module", model)  # under DDP: the PEFT model itself merges and generates
+        starts = [answer_start(r["labels"]) for r in rows]
+        prompts = [r["input_ids"][:p] for r, p in zip(rows, starts)]
+        with eval_mode(net), merged(net):
+            got = generate_many(net, self.tokenizer, None, self.settings(), self.cfg.eval.gen_batch_size,
+                                seeds=self.seeds(step, index, len(rows)), return_ids=True, prompt_ids=prompts)
+        out = []
+        for r, p, prompt, a in zip(rows, starts, prompts, got):
+            ids = a["ids"]
+            row = {"input_ids": prompt + ids, "labels": [IGNORE] * p + ids, "on_policy": True,
+                   "answer_ids": ids, "text": a["text"], "ended": a["ended"]}
+            if self.dc.mode == "context":  # the teacher's prompt ends where the same answer starts in its row
+                before = sum(lab != IGNORE for lab in r["labels"][1:p])
+                tp = nth_trained(r["teacher_labels"], before + 1)
+                row["teacher_input_ids"] = r["teacher_input_ids"][:tp] + ids
+                row["teacher_labels"] = [IGNORE] * tp + ids
+            out.append(row)
+        return out
+
+    def write_samples(self, rows: list[dict], step: int) -> None:
+        """Append a few of the batch's on-policy answers to RUN/samples.jsonl (one write)."""
+        tok = self.tokenizer
+        lines = [json.dumps({"step": step, "prompt": tok.decode(r["input_ids"][:-len(r["answer_ids"])]),
+                             "completion": r["text"], "n_tokens": len(r["answer_ids"]), "ended": r["ended"]},
+                            ensure_ascii=False) for r in rows[:SAMPLES_PER_WRITE]]
+        path = os.path.join(self.cfg.train.output_dir, "samples.jsonl")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:  # O_APPEND: one write, never interleaved mid-line
+            f.write("".join(line + "\n" for line in lines))
+
+    # ------------------------------------------------------------------ batches
+
     def units(self, rows):
         return count_trained(rows)
 
@@ -97,6 +241,11 @@ class Distill(Objective):
         """SFT's batch; context: plus the teacher's rows as teacher_input_ids, teacher_labels (and
         teacher_attention_mask); stored: plus teacher_ids, teacher_logps (N, k), N = trained tokens."""
         batch = collate(rows, pad_id)
+        on = {bool(r.get("on_policy")) for r in rows}
+        if len(on) > 1:
+            raise ValueError("a batch mixes on-policy and data rows; begin_step makes whole batches one or the other")
+        if True in on:
+            batch["on_policy"] = torch.ones(len(rows), dtype=torch.bool)
         if self.dc.mode == "context":
             seen = collate([{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]} for r in rows], pad_id)
             batch.update({f"teacher_{k}": v for k, v in seen.items()})
@@ -144,7 +293,8 @@ class Distill(Objective):
     # ------------------------------------------------------------------ the loss
 
     def loss(self, model, batch: dict, normaliser: float, ref_model=None) -> LossOut:
-        """alpha CE + (1 - alpha) tau^2 D over the batch's trained tokens, divided by `normaliser`."""
+        """alpha CE + (1 - alpha) tau^2 D over the batch's trained tokens, divided by `normaliser`;
+        an on-policy batch: tau^2 KL(student || teacher) alone."""
         dc, chunk = self.dc, self.cfg.loss.chunk_size
         targets = batch["labels"][:, 1:]
         sel = targets != IGNORE
@@ -158,23 +308,40 @@ class Distill(Objective):
         ref_h = self.teacher_states(model, batch, ref_model)  # first, while no autograd graph is held
         h = hidden_states(model, batch)[:, :-1][sel]
         head = output_layer(model)
-        t, a = targets[sel], dc.alpha
+        on = "on_policy" in batch
+        t, a = targets[sel], 0.0 if on else dc.alpha
         # (CE + (1 - a) / a D) / (n / a) = (a CE + (1 - a) D) / n; a = 0: no CE rows, D alone
         return chunked_loss(h, head.weight, t if a > 0 else torch.full_like(t, IGNORE), ref_hidden=ref_h,
-                            **self.teacher_head(model, ref_model), kl_mask=torch.ones_like(t, dtype=torch.bool), kl_lambda=(1 - a) / a if a > 0 else 1.0,
-                            normaliser=normaliser / a if a > 0 else normaliser, temperature=dc.temperature,
-                            direction=dc.direction, jsd_beta=dc.jsd_beta, chunk_size=chunk_with_reference(chunk),
-                            **head.kwargs())
+                            **self.teacher_head(model, ref_model), kl_mask=torch.ones_like(t, dtype=torch.bool),
+                            kl_lambda=(1 - a) / a if a > 0 else 1.0, normaliser=normaliser / a if a > 0 else normaliser,
+                            temperature=dc.temperature, direction="reverse" if on else dc.direction,
+                            jsd_beta=dc.jsd_beta, chunk_size=chunk_with_reference(chunk), **head.kwargs())
 
     def __call__(self, model, batch, normaliser, step, ref_model=None):
         out = self.loss(model, batch, normaliser, ref_model)
-        return StepOut(out.loss, {"loss": float(out.loss.detach()) * normaliser, "ce": float(out.ce_sum),
-                                  "kl": float(out.kl_sum)})
+        on = "on_policy" in batch
+        sums = {"loss": float(out.loss.detach()) * normaliser, "ce": float(out.ce_sum),
+                "kl": 0.0 if on else float(out.kl_sum), "kl_on": float(out.kl_sum) if on else 0.0,
+                "on_tokens": float(out.n_kl_tokens) if on else 0.0}
+        sums.update(self._pending)  # the step's batch counts, once per step and process
+        self._pending = {}
+        return StepOut(out.loss, sums)
 
     def summarize(self, sums, units, step):
-        n = max(units, 1.0)
-        return {"loss": sums["loss"] / n, "ce": sums["ce"] / n if self.dc.alpha > 0 else None,
-                "kl_teacher": sums["kl"] / n}
+        """Per trained token of the step: ce and kl_teacher over the data's answers, kl_on_policy
+        (reverse KL) over the student's own; None where the step had none."""
+        on = sums.get("on_tokens", 0.0)
+        off = units - on
+        row = {"loss": sums["loss"] / max(units, 1.0),
+               "ce": sums["ce"] / off if self.dc.alpha > 0 and off > 0 else None,
+               "kl_teacher": sums["kl"] / off if off > 0 else None}
+        if self.dc.on_policy > 0:
+            answers = sums.get("answers", 0.0)
+            row.update({"on_policy": sums.get("on_batches", 0.0) / max(sums.get("batches", 0.0), 1.0),
+                        "kl_on_policy": sums["kl_on"] / on if on > 0 else None,
+                        "answer_length": sums.get("answer_tokens", 0.0) / answers if answers else None,
+                        "answer_ended": sums.get("answers_ended", 0.0) / answers if answers else None})
+        return row
 
     # ------------------------------------------------------------------ held-out
 
