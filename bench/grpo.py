@@ -7,7 +7,8 @@ Each run is its own process (peak RSS per run, see common.py), interleaved TRL, 
 slimtune, TRL, ... so a slow minute on the shared cores hits both. Both sample --generations
 answers to each of --prompts prompts of builtin:grpo_prompts per step (temperature 1, up to
 --new-tokens), reward them with the same instruction checks (rewards.r_ifeval on the prompt's
-constraints), and take one DAPO step (beta 0, epsilon 0.2), fp32 on the CPU: TRL generates with
+constraints), and take one DAPO step (beta 0, epsilon 0.2), fp32 on the CPU (`--precision bf16`: bf16 autocast
+in both): TRL generates with
 transformers' `generate` (use_cpu, no vLLM), slimtune with its batched KV-cached sampler and the
 adapter merged. Measured: s/step (generation + update), generation's seconds and tokens (TRL:
 `_generate_single_turn` timed, tokens from the completion ids its reward functions get;
@@ -68,7 +69,7 @@ def run_slimtune(spec: dict) -> dict:
         "grpo": {"num_generations": spec["G"], "max_new_tokens": spec["new_tokens"], "temperature": 1.0,
                  "loss_type": "dapo", "beta": 0.0, "rewards": [{"name": "ifeval"}], "samples_every": 0},
         "train": {"output_dir": run_dir, "max_steps": spec["steps"], "lr": LR, "batch_size": spec["prompts"],
-                  "seed": common.SEED, "progress": False, "mixed_precision": "no"},
+                  "seed": common.SEED, "progress": False, "mixed_precision": spec.get("precision", "no")},
         "eval": {"kl": False}}, spec.get("overrides", []))
     st.train(cfg, log=lambda *a: None)
     peak = common.peak_rss_mb()
@@ -104,7 +105,8 @@ def run_trl(spec: dict) -> dict:
                       per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=spec["G"],
                       max_completion_length=spec["new_tokens"], temperature=1.0, beta=0.0, loss_type="dapo",
                       learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-                      max_grad_norm=1.0, seed=common.SEED, use_cpu=True, bf16=False, fp16=False, logging_steps=1,
+                      max_grad_norm=1.0, seed=common.SEED, use_cpu=True, bf16=spec.get("precision") == "bf16", fp16=False,
+                      logging_steps=1,
                       report_to="none", save_strategy="no", disable_tqdm=True, **spec.get("trl", {}))
     lora = LoraConfig(r=common.LORA["r"], lora_alpha=common.LORA["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=target_modules(model, "attn"), task_type="CAUSAL_LM")
@@ -148,6 +150,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=4, help="G: answers per prompt")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no",
+                    help="bf16: slimtune's train.mixed_precision=bf16 and TRL's bf16=True (autocast, both)")
     ap.add_argument("--name", default="grpo")
     args = ap.parse_args()
     import tempfile
@@ -161,7 +165,8 @@ def main() -> None:
     for r in range(args.rounds):
         for fw in (["trl", "slimtune"] if r % 2 == 0 else ["slimtune", "trl"]):
             spec = {"framework": fw, "model_dir": model_dir, "data": data, "steps": args.steps,
-                    "prompts": args.prompts, "G": args.generations, "new_tokens": args.new_tokens}
+                    "prompts": args.prompts, "G": args.generations, "new_tokens": args.new_tokens,
+                    "precision": args.precision}
             loads.append(Path("/proc/loadavg").read_text().split()[:3])
             t0 = time.perf_counter()
             res = common.run_worker(script, spec, threads=args.threads)
@@ -190,7 +195,8 @@ def main() -> None:
 
     md = (f"# slimtune GRPO vs TRL GRPOTrainer ({common.MODELS['smollm2'][0]})\n\n"
           f"{args.prompts} prompts x G {args.generations} = {args.prompts * args.generations} completions/step, "
-          f"<= {args.new_tokens} new tokens, temperature 1, {args.steps} steps, LoRA r16 attn, dapo, beta 0, fp32, "
+          f"<= {args.new_tokens} new tokens, temperature 1, {args.steps} steps, LoRA r16 attn, dapo, beta 0, "
+          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, "
           f"{args.threads} threads, {args.rounds} rounds interleaved; medians (min-max). Load average before "
           f"each run: {', '.join('/'.join(x) for x in loads)}.\n\n{table}\n\n"
           f"slimtune / TRL: **{ratio('steps_per_s'):.2f}x** steps/s (target >= 3x), **{ratio('gen_tokens_per_s'):.2f}x** "
