@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,22 +19,20 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
 
 
 def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    return {"model": name, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+    """The CPU and whether it computes bf16 natively (from common.machine)."""
+    m = common.machine()
+    return {"model": m.get("cpu"), "avx512_bf16": "avx512_bf16" in m.get("flags", ()),
+            "amx_bf16": "amx_bf16" in m.get("flags", ())}
 
 
 def versions() -> dict:
-    import torch
-    import transformers
-    import peft
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    m = common.machine()
+    return {k: m[k] for k in ("python", "torch", "transformers", "peft")}
 
 
 def run(mode: str, steps: int, out: Path) -> dict:

@@ -29,6 +29,9 @@ import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import ConfigError
 from ..machine import bf16_supported
@@ -167,8 +170,6 @@ under bf16 autocast would differentiate it (bf16's backward is the slow one), pl
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         if attention_mask is not None and attention_mask.is_floating_point():
@@ -188,9 +189,6 @@ def use_fp32_attention(model, mode: str, device: str, log=None) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, _sdpa)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     try:

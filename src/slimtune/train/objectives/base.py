@@ -16,12 +16,38 @@ switched off, or `ref_model`, a frozen copy, for methods whose base cannot be sw
 
 from __future__ import annotations
 
+import json
+import os
+import zlib
 from dataclasses import dataclass
 
 import torch
 
 from ...data.batching import collate, row_length
 from ...specs import SPECS, ObjectiveSpec
+
+
+def process_place() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def sample_seed(*parts) -> int:
+    """The sampling seed of one generated answer, from what names it (train.seed, step, which
+    prompt, which sample): the same answer whatever the batch, process count or order."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def append_samples(output_dir: str, records: list[dict]) -> None:
+    """Append records to OUTPUT_DIR/samples.jsonl in one write (O_APPEND: never interleaved mid-line)."""
+    path = os.path.join(output_dir, "samples.jsonl")
+    os.makedirs(output_dir or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass

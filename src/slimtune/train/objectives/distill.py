@@ -32,9 +32,7 @@ not the data's answers. A stored teacher cannot score new answers (refused in co
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import zlib
 
@@ -52,7 +50,7 @@ from ...teacher import hash_rows, load_teacher, read_teacher_logprobs, teacher_d
 from ...utils import eval_mode
 from ..base_states import batch_key
 from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
-from .base import Objective, StepOut
+from .base import Objective, StepOut, append_samples, process_place, sample_seed
 from .paired import to_device
 
 
@@ -80,13 +78,6 @@ def nth_trained(labels: list[int], n: int) -> int:
             if seen == n:
                 return t
     raise ValueError(f"the row has {seen} trained tokens, not {n}")
-
-
-def _process() -> tuple[int, int]:
-    """(rank, world size): which batches of a step are this process's."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class Distill(Objective):
@@ -176,7 +167,7 @@ class Distill(Objective):
 
     def seeds(self, step: int, index: int, n: int) -> list[int]:
         """One sampling seed per answer, from (train.seed, step, batch index, row in the batch)."""
-        return [zlib.crc32(f"{self.cfg.train.seed}|{step}|{index}|{i}".encode()) & 0x7FFFFFFF for i in range(n)]
+        return [sample_seed(self.cfg.train.seed, step, index, i) for i in range(n)]
 
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
         """One batch's rows -> the same rows (off-policy) or the student's answers to their prompts."""
@@ -184,7 +175,7 @@ class Distill(Objective):
         self._calls = (step, k)
         if k == 0:
             self._pending = {}
-        rank, world = _process()
+        rank, world = process_place()
         index = rank + k * world  # the loop gives process `rank` the step's batches rank, rank + world, ...
         on = self.on_policy_batch(step, index)
         out = self.answer(model, rows, step, index) if on else rows
@@ -224,13 +215,9 @@ class Distill(Objective):
     def write_samples(self, rows: list[dict], step: int) -> None:
         """Append a few of the batch's on-policy answers to RUN/samples.jsonl (one write)."""
         tok = self.tokenizer
-        lines = [json.dumps({"step": step, "prompt": tok.decode(r["input_ids"][:-len(r["answer_ids"])]),
-                             "completion": r["text"], "n_tokens": len(r["answer_ids"]), "ended": r["ended"]},
-                            ensure_ascii=False) for r in rows[:SAMPLES_PER_WRITE]]
-        path = os.path.join(self.cfg.train.output_dir, "samples.jsonl")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:  # O_APPEND: one write, never interleaved mid-line
-            f.write("".join(line + "\n" for line in lines))
+        append_samples(self.cfg.train.output_dir, [
+            {"step": step, "prompt": tok.decode(r["input_ids"][:-len(r["answer_ids"])]), "completion": r["text"],
+             "n_tokens": len(r["answer_ids"]), "ended": r["ended"]} for r in rows[:SAMPLES_PER_WRITE]])
 
     # ------------------------------------------------------------------ batches
 

@@ -20,12 +20,8 @@ stored when it was sampled; the prompts the loop hands the steps in between are 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
-import json
 import math
-import os
-import zlib
+from contextlib import nullcontext
 
 import torch
 
@@ -43,7 +39,7 @@ from ...losses.preference import token_logps
 from ...rewards import BUILTINS, compute_rewards, load_function, parse_specs
 from ...utils import eval_mode
 from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
-from .base import Objective, StepOut
+from .base import Objective, StepOut, append_samples, process_place, sample_seed
 from .paired import collate_sequences
 
 
@@ -56,10 +52,6 @@ def _merging(net):
     """`generate.merged`, unless the adapters are switched off (the base answering: nothing to merge)."""
     off = any(getattr(m, "disable_adapters", False) is True for m in net.modules())
     return nullcontext() if off else merged(net)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False, chunk_size: int = CHUNK_SIZE) -> dict:
@@ -162,8 +154,7 @@ class GRPO(Objective):
         """One sampling seed per completion, from (train.seed, step, the prompt's file:line, g): the
         same completions whatever the batch, process count or order."""
         G_ = self.cfg.grpo.num_generations
-        return [zlib.crc32(f"{self.cfg.train.seed}|{step}|{r['where']}|{g}".encode()) & 0x7FFFFFFF
-                for r in rows for g in range(G_)]
+        return [sample_seed(self.cfg.train.seed, step, r["where"], g) for r in rows for g in range(G_)]
 
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
         """B prompt rows -> B*G completion rows (see the module docstring), G adjacent per prompt."""
@@ -180,7 +171,7 @@ class GRPO(Objective):
             if gc.num_iterations > 1:
                 self.store_old_logps(model, out)
                 self._reuse[k] = (step, out, stats)
-            if gc.samples_every and step % gc.samples_every == 0 and _rank() == 0:
+            if gc.samples_every and step % gc.samples_every == 0 and process_place()[0] == 0:
                 self.write_samples(out, step)
         for key, v in stats.items():  # what this step trains on, logged with its first micro-batch
             self._pending[key] = self._pending.get(key, 0.0) + v
@@ -250,16 +241,10 @@ class GRPO(Objective):
 
     def write_samples(self, rows: list[dict], step: int) -> None:
         """Append the step's completions with their rewards to RUN/samples.jsonl (one write per step)."""
-        lines = [json.dumps({"step": step, "where": r["where"], "prompt": last_user(r["messages"]),
-                             "completion": r["text"], "reward": r["reward"], "rewards": r["rewards"],
-                             "advantage": round(r["advantage"], 4), "n_tokens": len(r["completion_ids"]),
-                             "ended": r["ended"]}, ensure_ascii=False) for r in rows]
-        path = os.path.join(self.cfg.train.output_dir, "samples.jsonl")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:  # O_APPEND: one write, never interleaved mid-line
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+        append_samples(self.cfg.train.output_dir, [
+            {"step": step, "where": r["where"], "prompt": last_user(r["messages"]), "completion": r["text"],
+             "reward": r["reward"], "rewards": r["rewards"], "advantage": round(r["advantage"], 4),
+             "n_tokens": len(r["completion_ids"]), "ended": r["ended"]} for r in rows])
 
     # --- the loss
 
