@@ -86,3 +86,36 @@ def test_one_factor_at_a_time():
     runs = one_at_a_time({"train.lr": [1e-4, 1e-3], "method.r": [4]})
     assert runs == [{}, {"train.lr": 1e-4}, {"train.lr": 1e-3}, {"method.r": 4}]
     assert [run_name(r) for r in runs] == ["base", "lr-0.0001", "lr-0.001", "r-4"]
+
+
+def test_runs_list_adds_named_runs_after_the_one_factor_runs(tmp_path):
+    from slimtune.sweep import load_sweep, parse_shard, sweep_runs
+    spec = {"config": {}, "vary": {"method.r": [2]},
+            "runs": [{"train.seed": 1}, {"method.r": 2, "train.seed": 1}, {"method.r": 2}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    runs, keys = sweep_runs(load_sweep(tmp_path / "s.yaml")[1])
+    assert [run_name(r) for r in runs] == ["base", "r-2", "seed-1", "r-2_seed-1"]  # r-2 listed twice: once
+    assert keys == ["method.r", "train.seed"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"config": {}, "runs": [{"seed": 1}]}))
+    with pytest.raises(ConfigError, match="runs must be"):
+        load_sweep(tmp_path / "bad.yaml")
+    assert parse_shard("2/3") == (2, 3) and parse_shard(None) == (1, 1)
+    for bad in ("3/2", "x", "0/2"):
+        with pytest.raises(ConfigError, match="shard"):
+            parse_shard(bad)
+
+
+def test_two_shards_train_disjoint_runs_and_both_tables_see_them(tiny_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(16, seed=2)))
+    spec = {"config": {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64,
+                                                             "general_prompts": None},
+                       "train": {"max_steps": 1, "progress": False}, "eval": {"max_examples": 4}},
+            "vary": {"method.r": [2]}, "runs": [{"train.seed": 1}], "output_dir": str(tmp_path / "sw"),
+            "evaluate": False}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    first = sweep(tmp_path / "s.yaml", log=lambda *_: None, shard="1/2")  # runs 1 and 3: base, seed-1
+    assert sorted(r["run"] for r in first) == ["base", "seed-1"]
+    assert not (tmp_path / "sw" / "r-2").exists()
+    second = sweep(tmp_path / "s.yaml", log=lambda *_: None, shard="2/2")
+    assert sorted(r["run"] for r in second) == ["base", "r-2", "seed-1"]  # its own run and the other's

@@ -250,7 +250,7 @@ def cmd_data_teacher(args):
 
     cfg = load_config(args.config, [*args.set, f"data.train={args.file}"])
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.chat_template)
-    rows = examples(render(args.file, cfg.data, tok, cfg.train.seed), source=args.file)[0]
+    rows = examples(render(args.file, cfg.data, tok, cfg.data.data_seed(cfg.train.seed)), source=args.file)[0]
     device = pick_device(cfg.train.device)
     dtype = teacher_dtype(cfg.distill.teacher_dtype, device, cfg.model.dtype)
     teacher = load_teacher(args.teacher, tok, device, dtype)
@@ -491,12 +491,14 @@ def add_sweep(sub):
                                    "grid: {section.key: [values]}; see configs/sweeps/.")
     p.add_argument("sweep", help="sweep YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    p.add_argument("--shard", metavar="K/N", help="train only runs K, K+N, ... (e.g. 1/2 and 2/2 in two "
+                   "processes with OMP_NUM_THREADS=1 each, to share a machine's cores)")
     p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args):
     from .sweep import sweep
-    rows = sweep(args.sweep, log=lambda m: print(m, file=sys.stderr), extra=args.overrides)
+    rows = sweep(args.sweep, log=lambda m: print(m, file=sys.stderr), extra=args.overrides, shard=args.shard)
     print(f"{len(rows)} runs; ranked table in the sweep's results.md")
 
 

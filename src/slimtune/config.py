@@ -77,6 +77,9 @@ class DataCfg:
     """Held-out file. When empty, `val_fraction` of train is split off (seeded)."""
     val_fraction: float = 0.1
     """Share of data.train held out (seeded) when data.val is empty."""
+    split_seed: int | None = None
+    """Seeds the held-out split (and a weighted mix's draw of rows). Empty: train.seed. Set it to
+    keep one held-out set while train.seed varies, e.g. to measure seed-to-seed noise."""
     format: str = "auto"
     """auto, messages (ChatML), alpaca, dolly, sharegpt, prompt_completion, text (raw text)."""
     columns: dict[str, str] = field(default_factory=dict)
@@ -122,6 +125,10 @@ class DataCfg:
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
         self.columns = parse_columns(self.columns)
+
+    def data_seed(self, train_seed: int) -> int:
+        """The seed of the held-out split and of a mix's draw: split_seed, else train.seed."""
+        return train_seed if self.split_seed is None else self.split_seed
 
 
 @dataclass

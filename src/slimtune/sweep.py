@@ -14,7 +14,17 @@ or, one factor at a time around the base config (the base run, then each value o
       train.optimizer: [adafactor, lion]
       method.r: [4, 32]
 
-`set:` (key: value) applies to every run, on top of the base config.
+`set:` (key: value) applies to every run, on top of the base config. `runs:` adds runs named by
+their overrides, after the grid or the one-factor runs, e.g. the base and a factor again with other
+seeds, to measure the noise a difference must beat:
+
+    runs:
+      - {train.seed: 1}
+      - {train.optimizer: lion, train.seed: 1}
+
+`eval_prompts:` is the prompts file each run's evaluation answers (default: builtin:eval_prompts).
+`slimtune sweep FILE --shard 1/2` trains every second run (and 2/2 the others), so two processes
+can share a machine's cores; each writes the results of the runs finished so far.
 
 Every combination runs in turn (a finished run is skipped, so a killed sweep resumes), is
 evaluated with `slimtune eval` (`evaluate: false` skips it; an existing eval.json is reused), and
@@ -74,47 +84,82 @@ def _override_strings(overrides: dict) -> list[str]:
 
 def load_sweep(path: str | Path) -> tuple[dict, dict, Path]:
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(spec) - {"base", "config", "grid", "vary", "set", "output_dir", "evaluate"}
+    unknown = set(spec) - KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, config, grid or vary, "
-                          "set, output_dir, evaluate")
+                          "runs, set, output_dir, evaluate, eval_prompts")
     if spec.get("grid") and spec.get("vary"):
         raise ConfigError(f"{path}: give grid (every combination) or vary (one factor at a time), not both")
     base = load_config(spec["base"]).to_dict() if spec.get("base") else (spec.get("config") or {})
     if spec.get("set"):  # every run's overrides, checked like any override
         base = build_config(base, _override_strings(spec["set"])).to_dict()
-    if spec.get("vary"):
-        return base, {"__vary__": spec["vary"]}, Path(spec.get("output_dir", "runs/sweep"))
-    return base, spec.get("grid") or {}, Path(spec.get("output_dir", "runs/sweep"))
+    extra = spec.get("runs") or []
+    if not isinstance(extra, list) or not all(isinstance(r, dict) and r and all("." in k for k in r) for r in extra):
+        raise ConfigError(f"{path}: runs must be a list of {{section.key: value, ...}} overrides, one per run")
+    grid = {"__vary__": spec["vary"]} if spec.get("vary") else dict(spec.get("grid") or {})
+    if extra:
+        grid["__runs__"] = extra
+    return base, grid, Path(spec.get("output_dir", "runs/sweep"))
+
+
+KEYS = {"base", "config", "grid", "vary", "runs", "set", "output_dir", "evaluate", "eval_prompts"}
 
 
 def sweep_runs(grid: dict) -> tuple[list[dict], list[str]]:
-    """(the runs' overrides, the keys they vary) for a grid or a one-factor `vary`."""
+    """(the runs' overrides, the keys they vary) for a grid or a one-factor `vary`, then `runs:`."""
+    grid = dict(grid)
+    extra = grid.pop("__runs__", [])
     if "__vary__" in grid:
-        return one_at_a_time(grid["__vary__"]), list(grid["__vary__"])
-    return (grid_runs(grid) if grid else [{}]), list(grid)
+        combos, keys = one_at_a_time(grid["__vary__"]), list(grid["__vary__"])
+    else:
+        combos, keys = (grid_runs(grid) if grid else [{}]), list(grid)
+    names = {run_name(c) for c in combos}
+    for run in extra:
+        if run_name(run) not in names:  # a run listed twice trains once
+            names.add(run_name(run))
+            combos.append(dict(run))
+    keys += [k for run in extra for k in run if k not in keys]
+    return combos, list(dict.fromkeys(keys))
 
 
-def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | None = None) -> list[dict]:
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N): this process trains runs K, K+N, K+2N... (1-based); None -> (1, 1)."""
+    if not text:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text}: give K/N, e.g. 1/2 and 2/2 for two processes") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text}: K must be in 1..N")
+    return k, n
+
+
+def sweep(path: str | Path, log=print, extra: list[str] = (), evaluate: bool | None = None,
+          shard: str | None = None) -> list[dict]:
 
     base, grid, out = load_sweep(path)
+    spec = yaml.safe_load(Path(path).read_text()) or {}
     if evaluate is None:
-        evaluate = (yaml.safe_load(Path(path).read_text()) or {}).get("evaluate", True)
+        evaluate = spec.get("evaluate", True)
+    k, n = parse_shard(shard)
     combos, keys = sweep_runs(grid)
     for combo in combos:  # validate every combination before the first model loads
         build_config(base, list(extra) + _override_strings(combo))
-    log(f"sweep: {len(combos)} runs into {out}")
+    log(f"sweep: {len(combos)} runs into {out}" + (f" (shard {k}/{n}: every {n}th from run {k})" if n > 1 else ""))
     rows = []
     for i, combo in enumerate(combos, 1):
         name = run_name(combo)
         run_dir = out / name
-        if not (run_dir / "summary.json").exists():
-            log(f"[{i}/{len(combos)}] {name}")
-            cfg = build_config(base, list(extra) + _override_strings(combo) + [f"train.output_dir={run_dir}"])
-            train(cfg, log=log)
-        if evaluate and not (run_dir / "eval.json").exists():
-            evaluate_run(str(run_dir), log=log, with_heldout=False)
-        rows.append(result_row(run_dir, name, combo))
+        if (i - k) % n == 0:
+            if not (run_dir / "summary.json").exists():
+                log(f"[{i}/{len(combos)}] {name}")
+                cfg = build_config(base, list(extra) + _override_strings(combo) + [f"train.output_dir={run_dir}"])
+                train(cfg, log=log)
+            if evaluate and not (run_dir / "eval.json").exists():
+                evaluate_run(str(run_dir), log=log, with_heldout=False, prompts=spec.get("eval_prompts"))
+        if (run_dir / "summary.json").exists():  # another shard's finished runs join the table
+            rows.append(result_row(run_dir, name, combo))
     write_results(rows, out, keys)
     return rows
 

@@ -235,3 +235,17 @@ def test_train_with_a_token_budget_matches_whole_batches(tiny_dir, tmp_path):
     assert adapters[0].keys() == adapters[1].keys()
     for k in adapters[0]:
         torch.testing.assert_close(adapters[1][k], adapters[0][k], atol=1e-5, rtol=1e-4)
+
+
+def test_split_seed_keeps_the_held_out_set_while_train_seed_changes_the_run(tiny_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    runs = {}
+    for name, extra in {"s0": {}, "s1": {"train.seed": 1}, "s1_split0": {"train.seed": 1, "data.split_seed": 0}}.items():
+        cfg = build_config({}, run_args(tiny_dir, data, tmp_path / name, **{"train.max_steps": 2, **extra}))
+        runs[name] = train(cfg, log=lambda *_: None)
+    before = {k: s["before"]["eval_loss"] for k, s in runs.items()}  # LoRA starts at B=0: the base's loss
+    assert before["s1_split0"] == pytest.approx(before["s0"], rel=1e-6)   # the same held-out chats
+    assert before["s1"] != pytest.approx(before["s0"], rel=1e-4)          # train.seed alone re-draws them
+    a = load_file(str(tmp_path / "s0" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "s1_split0" / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)                    # but initialisation and order differ

@@ -61,7 +61,7 @@ TURN_LISTS = {
     "messages": ("messages", "role", "content", {r: r for r in ROLES + ("tool",)}, ", ".join(ROLES + ("tool",))),
     "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES, "human, gpt, system"),
 }
-BUILTIN = {"instructions", "general_prompts", "eval_prompts", "ifeval_prompts", "preferences", "grpo_prompts"}
+BUILTIN = {"instructions", "general_prompts", "eval_prompts", "eval_prompts_48", "ifeval_prompts", "preferences", "grpo_prompts"}
 
 
 def with_system(messages: Messages, system_prompt: str | None) -> Messages:

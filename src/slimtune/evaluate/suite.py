@@ -53,7 +53,7 @@ def heldout_examples(cfg, tokenizer, data: str | None = None) -> tuple[list[dict
     if data:  # any source (file, folder, hf:), read with the run's data settings; rendering is cached
         return examples(render(data, cfg.data, tokenizer), source=data)[0], general, data
     try:
-        prepared = prepare(cfg.data, tokenizer, cfg.train.seed)
+        prepared = prepare(cfg.data, tokenizer, cfg.data.data_seed(cfg.train.seed))
     except SlimtuneError as e:
         raise SlimtuneError(f"cannot rebuild the run's held-out split (data.train={cfg.data.train}): {e}. "
                             "Pass the held-out file with --data FILE") from None
@@ -128,7 +128,7 @@ def preference_heldout(pair, data: str | None, n_max: int | None, log, dtype: st
         rows, source = load_preferences(data, tok, obj.spec.rows, cfg.data.max_length, cfg.data.system_prompt)[0], data
     else:
         try:
-            rows = obj.prepare_data(tok, cfg.train.seed).val
+            rows = obj.prepare_data(tok, cfg.data.data_seed(cfg.train.seed)).val
         except SlimtuneError as e:
             raise SlimtuneError(f"cannot rebuild the run's held-out pairs (data.train={cfg.data.train}): {e}. "
                                 "Pass the held-out file with --data FILE") from None
@@ -184,7 +184,7 @@ def distill_heldout(pair, data: str | None, n_max: int | None, log) -> tuple[dic
         cfg.data.train, cfg.data.val, cfg.data.val_fraction, cfg.data.max_examples = data, None, 0.0, None
     obj = make_objective(cfg)
     try:
-        prepared = obj.prepare_data(tok, cfg.train.seed)
+        prepared = obj.prepare_data(tok, cfg.data.data_seed(cfg.train.seed))
     except SlimtuneError as e:
         raise SlimtuneError(f"cannot rebuild the run's held-out chats (data.train={cfg.data.train}): {e}") from None
     rows = prepared.train if data else prepared.val
@@ -220,7 +220,7 @@ def rl_heldout(pair, n_max: int | None, log, dtype: str = "float32", reuse: bool
     cfg = pair.cfg
     obj = make_objective(cfg)
     try:
-        rows = obj.prepare_data(pair.tok, cfg.train.seed).val
+        rows = obj.prepare_data(pair.tok, cfg.data.data_seed(cfg.train.seed)).val
     except SlimtuneError as e:
         raise SlimtuneError(f"cannot rebuild the run's held-out prompts (data.train={cfg.data.train}): {e}") from None
     rows = rows[:n_max] if n_max else rows

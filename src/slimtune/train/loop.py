@@ -164,7 +164,7 @@ def setup(cfg: Config, log=print, callbacks=(), objective: Objective | None = No
                        device=str(acc.device))
     use_fp32_attention(model, tc.mixed_precision, acc.device.type, log)  # CPU + bf16: see train/precision.py
     with acc.main_process_first():  # rank 0 renders into the cache, the other ranks read it
-        data = objective.prepare_data(tokenizer, tc.seed, log=log)
+        data = objective.prepare_data(tokenizer, cfg.data.data_seed(tc.seed), log=log)
     if cfg.data.packing is None:  # empty: pack raw text (continued pre-training), not chats
         cfg.data.packing = data.stats.get("format") == "text"
     # The loss rebuilds logits from hidden states: check it against the model's own head once.
