@@ -136,6 +136,8 @@ def main():
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--procs", default="1,2", help="data.num_proc values, comma separated")
+    ap.add_argument("--name", default="data_prep", help="results file name in bench/results/")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
@@ -149,8 +151,8 @@ def main():
                 machine=f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
     spec = dict(file=str(path), model=args.model, max_length=args.max_length, n=args.n)
     results = []
-    out = BENCH / "results" / "data_prep"
-    for nproc in (1, 2):
+    out = BENCH / "results" / args.name
+    for nproc in map(int, args.procs.split(",")):
         cache = work / f"cache{nproc}"
         for kind in ("cold", "cached"):
             results.append(run_scenario(f"{kind}, {nproc} proc", {**spec, "num_proc": nproc, "count": not results},

@@ -92,7 +92,7 @@ def variant(spec: dict) -> dict:
     from slimtune.data.batching import count_trained, split_by_tokens
     from slimtune.config import build_config
     from slimtune.train.loop import accumulate_grads
-    from slimtune.train.objectives import SFT
+    from slimtune.train.objectives.sft import SFT
 
     budget, gc = VARIANTS[spec["variant"]]
     model, rows = setup(gc)

@@ -42,7 +42,7 @@ def variant(spec: dict) -> dict:
     from slimtune.methods import apply_method, method_of
     from slimtune.models import load_model, resolve_model
     from slimtune.train.loop import accumulate_grads
-    from slimtune.train.objectives import SFT
+    from slimtune.train.objectives.sft import SFT
 
     path = resolve_model("smollm2-135m")
     t0 = time.perf_counter()
