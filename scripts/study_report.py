@@ -453,10 +453,22 @@ def main() -> None:
                        f"one's evaluation ({busy / 60:.0f} minutes of runs, two at a time; {wall / 60:.0f} minutes of "
                        "it training, the rest evaluation and loading)" if elapsed else f"{len(rows)} runs")
     doc.write_text(d)
+    readme = ROOT / "README.md"
+    tally = {g: sum(c["grade"] == g for c in checks) for g in ("holds", "within noise", "contradicted", "not run")}
+    short = "\n".join(f"| `configs/presets/{name}.yaml` | {', '.join(f'`{k}: {v}`' for k, v in c['group'].overrides.items())} "
+                      f"| {c['group'].mean('eval_loss_before'):.4f} -> {c['group'].mean('eval_loss'):.4f} "
+                      f"| {c['group'].mean('general_kl'):.4f} | {int(c['group'].mean('trainable')):,} |"
+                      for name, c in presets.items())
+    readme.write_text(put(readme.read_text(), "presets", (
+        "| preset | change from the quickstart | held-out loss | KL to base (general prompts) | trainable |\n"
+        "|---|---|---|---|---|\n" + short + f"\n\nQuickstart (mean of {base.n} seeds): held-out loss "
+        f"{base.mean('eval_loss'):.4f} ± {base.sd('eval_loss'):.4f}, KL {base.mean('general_kl'):.4f} ± "
+        f"{base.sd('general_kl'):.4f}. Of the study's {len(checks)} graded claims, {tally['holds']} hold, "
+        f"{tally['within noise']} are within the noise and {tally['contradicted']} are contradicted "
+        "([docs/study.md](docs/study.md) has each, with its runs).")))
     if not args.no_presets:
         for name, choice in presets.items():
             (ROOT / "configs" / "presets" / f"{name}.yaml").write_text(preset_yaml(name, choice, base))
-    tally = {g: sum(c["grade"] == g for c in checks) for g in ("holds", "within noise", "contradicted", "not run")}
     print(f"{len(rows)} runs in {len(groups)} configurations; checks: {tally}; page {doc}, results in {out}")
 
 
