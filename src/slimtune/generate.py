@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
+from .lean_decode import LeanDecoder
 from .machine import bf16_supported
 from .methods import method_of, method_of_model
 from .train.precision import frozen_in
@@ -300,8 +301,9 @@ class _Layer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:  # (B, H, capacity, D)
             self.device, self.is_initialized = key_states.device, True
-            B, H, _, D = key_states.shape
-            self.kbuf = key_states.new_empty(B, H, self.capacity, D)
+            B, H, _, D = key_states.shape  # keys stored in the values' dtype: under bf16 autocast the
+            # rotary embedding leaves keys fp32 and attention casts them to bf16 at every call anyway
+            self.kbuf = key_states.new_empty(B, H, self.capacity, D, dtype=value_states.dtype)
             self.vbuf = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
         end = self.length + key_states.shape[-2]
         self.kbuf[:, :, self.length:end] = key_states
@@ -359,12 +361,35 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     B, width = mask.shape                        # width: virtual tokens (prompt / prefix tuning) included
     cache = _Cache(width + s.max_new_tokens, inputs.pop("past_key_values", None))
     full = torch.cat([mask, mask.new_ones(B, s.max_new_tokens)], dim=1)  # (B, width + n): each step's mask, sliced
-    with _cast_once(net):
-        return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token)
+    with _cast_once(net):  # built inside: under bf16 the lean step takes the weights cast once, no copy
+        lean = _lean(net) if names is None and virtual is None else None
+        return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean)
 
 
-def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token):
-    """_decode's prefill and decoding steps (see there)."""
+LEAN = True
+"""Decode with `lean_decode.LeanDecoder` where it covers the model (False: transformers' forward)."""
+
+
+def _lean(net):
+    """The lean decoding step for `net`, in the dtype its matmuls run in now (bf16 under bf16
+    autocast), wrapped to run outside autocast (its weights are cast once); None where it does not apply."""
+    if not LEAN:
+        return None
+    kind = next(net.parameters()).device.type
+    bf16 = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+    dec = LeanDecoder.build(net, torch.bfloat16 if bf16 else net.get_input_embeddings().weight.dtype)
+    if dec is None:
+        return None
+
+    def step(tokens, positions, mask, cache):
+        with torch.autocast(kind, enabled=False):
+            return dec.step(tokens, positions, mask, cache)
+    return step
+
+
+def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean=None):
+    """_decode's prefill and decoding steps (see there); lean: the decoding step to use after the
+    prefill instead of the model's forward (`_lean`)."""
     device = mask.device
     B, width = mask.shape
     mix = {"adapter_names": names} if names is not None else {}
@@ -402,8 +427,11 @@ def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, n
             if names is not None:
                 mix = {"adapter_names": [names[r] for r in rows]}
         width += 1
-        logits = net(input_ids=tokens, attention_mask=full[:, :width], position_ids=next_pos,
-                     past_key_values=cache, use_cache=True, **mix).logits[:, -1].float()
+        if lean is not None:
+            logits = lean(tokens, next_pos, full[:, :width], cache)
+        else:
+            logits = net(input_ids=tokens, attention_mask=full[:, :width], position_ids=next_pos,
+                         past_key_values=cache, use_cache=True, **mix).logits[:, -1].float()
         next_pos = next_pos + 1
     return new
 

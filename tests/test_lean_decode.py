@@ -1,0 +1,107 @@
+"""The lean decoding step computes what transformers' forward computes for one new token per row:
+logits within float rounding, the same greedy ids through generate_many; models it does not cover
+are refused (and decode through transformers' forward)."""
+
+import peft
+import pytest
+import torch
+from test_generate_batched import CHATS
+from tiny import make_model, make_qwen, make_tokenizer
+
+import slimtune.generate as G
+from slimtune.data.render import render_prompt
+from slimtune.generate import GenSettings, _Cache, _left_pad, generate_many, merged
+from slimtune.lean_decode import LeanDecoder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def models(tok):
+    return {"llama": make_model(tok, hidden=64, layers=3, seed=1),
+            "llama_tied": make_model(tok, hidden=64, layers=2, seed=2, tie=True),
+            "qwen2_bias": make_qwen(tok, hidden=64, layers=2, seed=3)}
+
+
+@torch.no_grad()
+def both_steps(model, tok, dtype=torch.float32):
+    """(transformers' logits, lean logits) for 3 decoding steps after a padded prefill of 4 prompts."""
+    prompts = [render_prompt(c, tok) for c in CHATS[:4]]
+    ids, mask = _left_pad(prompts, tok.pad_token_id, "cpu")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dec = LeanDecoder.build(model, dtype)
+    assert dec is not None
+    out = []
+    caches = [_Cache(ids.shape[1] + 3), _Cache(ids.shape[1] + 3)]
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # as generate runs bf16
+    for c in caches:
+        with amp:
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True)
+    tokens = torch.tensor([[5], [17], [42], [99]])
+    full, next_pos = mask, pos[:, -1:] + 1
+    for _ in range(3):
+        full = torch.cat([full, full.new_ones(4, 1)], dim=1)
+        with amp:
+            ref = model(input_ids=tokens, attention_mask=full, position_ids=next_pos, past_key_values=caches[0],
+                        use_cache=True).logits[:, -1].float()
+        lean = dec.step(tokens, next_pos, full, caches[1])
+        out.append((ref, lean))
+        tokens, next_pos = ref.argmax(-1, keepdim=True), next_pos + 1
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2_bias"])
+def test_lean_step_equals_the_models_forward(tok, name):
+    for ref, lean in both_steps(models(tok)[name], tok):
+        torch.testing.assert_close(lean, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_lean_step_in_bf16_is_within_bf16_rounding(tok):
+    for ref, lean in both_steps(models(tok)["llama"], tok, torch.bfloat16):
+        assert lean.dtype == torch.float32
+        assert (lean - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 weights: ~3 significant digits
+        assert torch.nn.functional.cosine_similarity(lean, ref, dim=-1).min() > 0.999
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_bias"])
+def test_generate_many_gives_the_same_greedy_ids_lean_or_not(tok, name, monkeypatch):
+    model = models(tok)[name]
+    s = GenSettings(max_new_tokens=12)
+    lean = generate_many(model, tok, CHATS, s, batch_size=4, return_ids=True)
+    monkeypatch.setattr(G, "LEAN", False)
+    plain = generate_many(model, tok, CHATS, s, batch_size=4, return_ids=True)
+    assert [a["ids"] for a in lean] == [a["ids"] for a in plain]
+
+
+def test_lean_is_used_and_merged_lora_counts_as_plain(tok, monkeypatch):
+    model = make_model(tok, hidden=64, layers=2, seed=4)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    net = lora.get_base_model()
+    assert LeanDecoder.build(net) is None           # unmerged adapters: transformers' forward
+    calls = []
+    real = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    s = GenSettings(max_new_tokens=6)
+    with merged(lora):
+        assert LeanDecoder.build(net) is not None  # merged: the base layers hold the adapter
+        fast = generate_many(lora, tok, CHATS[:3], s, return_ids=True)
+    assert calls, "the lean step was not used"
+    monkeypatch.setattr(G, "LEAN", False)
+    with merged(lora):
+        slow = generate_many(lora, tok, CHATS[:3], s, return_ids=True)
+    assert [a["ids"] for a in fast] == [a["ids"] for a in slow]
+
+
+def test_models_it_does_not_cover_are_refused(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2))
+    assert LeanDecoder.build(gpt2) is None
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=16))
+    assert LeanDecoder.build(windowed) is None
+    assert LeanDecoder.build(make_qwen(tok, arch="qwen3")) is None  # q_norm / k_norm
