@@ -13,6 +13,8 @@ model's template); the medians over rounds are reported.
     (transformers keeps finished rows in its batch as padding).
 llama.cpp (llama-cpp-python, the f32 GGUF `slimtune export` writes): one sequence per `Llama`, so
 batch B = the B prompts one after another (--llama-batches, default 1 and 8).
+More variants: slimtune_bf16 (bf16 decoding whatever --autocast says), slimtune_no_lean and
+slimtune_bf16_no_lean (every decoding step through transformers' forward, as before lean_decode.py).
 
 The limits, measured in the same process: read bandwidth (sum of a 1 GiB fp32 tensor) and fp32
 matmul peak (2048^2, torch's threads). A decoding step reads every weight once plus each row's
@@ -138,8 +140,11 @@ def limit(costs: dict, B: int, prompt_lens: list[int], n_new: int, bw_gbs: float
 # the variants: (model, tok, prompts, n_new, stop) -> {ids, seconds, ttft_s}
 
 
-def run_slimtune(model, tok, prompts, n_new, stops, pad, autocast="no"):
+def run_slimtune(model, tok, prompts, n_new, stops, pad, autocast="no", lean=True):
+    import slimtune.generate as G
     from slimtune.generate import GenSettings, _decode
+
+    G.LEAN = lean  # False: every decoding step through transformers' forward (before lean_decode.py)
 
     first = []
     t = time.perf_counter()
@@ -287,7 +292,10 @@ def main(argv=None):
     variants = args.variants.split(",")
     runners = {"slimtune": lambda *a: run_slimtune(*a, autocast=args.autocast),
                "hf_dynamic": lambda *a: run_hf(*a, cache="dynamic"),
-               "hf_static": lambda *a: run_hf(*a, cache="static")}
+               "hf_static": lambda *a: run_hf(*a, cache="static"),
+               "slimtune_bf16": lambda *a: run_slimtune(*a, autocast="bf16"),
+               "slimtune_no_lean": lambda *a: run_slimtune(*a, autocast=args.autocast, lean=False),
+               "slimtune_bf16_no_lean": lambda *a: run_slimtune(*a, autocast="bf16", lean=False)}
     if "llama_cpp" in variants:
         try:
             gguf = f32_gguf(args.model)
