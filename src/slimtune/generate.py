@@ -366,6 +366,14 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
         return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean)
 
 
+def _cache_kw(net) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.24 (`past_key_values`
+    warns there and goes in 5.40), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(_net(net)).forward).parameters else "past_key_values"
+
+
 LEAN = True
 """Decode with `lean_decode.LeanDecoder` where it covers the model (False: transformers' forward)."""
 
@@ -377,7 +385,7 @@ def _lean(net):
         return None
     kind = next(net.parameters()).device.type
     bf16 = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-    dec = LeanDecoder.build(net, torch.bfloat16 if bf16 else net.get_input_embeddings().weight.dtype)
+    dec = LeanDecoder.build(net, torch.bfloat16 if bf16 else next(net.parameters()).dtype)
     if dec is None:
         return None
 
@@ -393,7 +401,8 @@ def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, n
     device = mask.device
     B, width = mask.shape
     mix = {"adapter_names": names} if names is not None else {}
-    logits = net(**inputs, past_key_values=cache, attention_mask=mask, position_ids=pos, use_cache=True,
+    ckw = _cache_kw(net)
+    logits = net(**inputs, **{ckw: cache}, attention_mask=mask, position_ids=pos, use_cache=True,
                  logits_to_keep=1, **mix).logits[:, -1].float()  # (B, V)
     procs = processors(s)
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds] if s.sample else None
@@ -431,7 +440,7 @@ def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, n
             logits = lean(tokens, next_pos, full[:, :width], cache)
         else:
             logits = net(input_ids=tokens, attention_mask=full[:, :width], position_ids=next_pos,
-                         past_key_values=cache, use_cache=True, **mix).logits[:, -1].float()
+                         **{ckw: cache}, use_cache=True, **mix).logits[:, -1].float()
         next_pos = next_pos + 1
     return new
 
