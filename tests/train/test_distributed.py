@@ -111,3 +111,30 @@ def test_ddp_killed_run_resumes_every_process_random_state(tiny_dir, tmp_path):
     b = load_file(str(tmp_path / "crash" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+def test_ddp_grpo_two_processes_equal_one_process_accumulating(tiny_dir, tmp_path):
+    """GRPO under DDP: each process samples its own prompts' completions (seeded by the prompt, not
+    the process), the loss is normalised over the whole step's completions: the same adapter as one
+    process accumulating both halves."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say something about {w}"}]}) + "\n"
+                            for w in ("cats", "rain", "bread", "maps", "tea", "snow", "jazz", "glass")))
+    common = [f"model.name={tiny_dir}", f"data.train={data}", "data.val_fraction=0", "loss.objective=grpo",
+              "grpo.rewards=[{name: length, min: 2, max: 4}]", "grpo.num_generations=3", "grpo.max_new_tokens=5",
+              "grpo.loss_type=dapo", "train.max_steps=2", "data.general_prompts=", "train.progress=false",
+              "train.batch_size=2", "train.lr=1e-2", "train.mixed_precision=no", "eval.kl=false",
+              "eval.max_examples=2", "method.r=4"]
+    p = subprocess.run(LAUNCH + common + [f"train.output_dir={tmp_path / 'ddp'}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "slimtune.cli", "train"] + common +
+                       [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    one, ddp = _rows(tmp_path / "one"), _rows(tmp_path / "ddp")
+    for key in ("reward", "completion_length"):  # the whole step's completions, not one process's
+        assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-6)
