@@ -8,7 +8,9 @@ streamed. A step costs about the same for 1 row as for 16 on a CPU (the weights 
 either way), so answering 24 prompts together is ~8x faster than one at a time. The KV cache is
 preallocated for prompt + answer (`_Cache`: no copy of the whole cache per step); rows that have
 ended are cut from the batch and its cache once a quarter of it has ended (`CUT_SHARE`). Under bf16
-autocast the weights are cast to bf16 once per batch, not at every call (`_cast_once`). Position
+autocast the weights are cast to bf16 once per batch, not at every call (`_cast_once`). After the
+prefill, Llama / Mistral / Qwen2 models (adapters merged or none) decode through
+`lean_decode.LeanDecoder`, the same step with fewer operators; anything else through the model's forward. Position
 ids count real tokens only and padding is masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
 also on a model with learned absolute positions, where a missing offset would show).
 
