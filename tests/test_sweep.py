@@ -18,12 +18,16 @@ def test_grid_and_names():
         grid_runs({"lr": [1]})
 
 
-def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
+def tiny_config(tiny_dir, tmp_path, steps: int) -> dict:
+    """A sweep's inline config: the tiny model on 16 chats, `steps` steps."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(16, seed=2)))
-    spec = {"config": {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64,
-                                                             "general_prompts": None},
-                       "train": {"max_steps": 2, "progress": False}, "eval": {"max_examples": 4}},
+    return {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64, "general_prompts": None},
+            "train": {"max_steps": steps, "progress": False}, "eval": {"max_examples": 4}}
+
+
+def test_sweep_runs_ranks_and_resumes(tiny_dir, tmp_path):
+    spec = {"config": tiny_config(tiny_dir, tmp_path, 2),
             "grid": {"train.lr": [1e-4, 3e-2], "method.r": [2]}, "output_dir": str(tmp_path / "sw"),
             "set": {"train.warmup_steps": 1, "method.alpha": 7}, "evaluate": False}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -106,11 +110,7 @@ def test_runs_list_adds_named_runs_after_the_one_factor_runs(tmp_path):
 
 
 def test_two_shards_train_disjoint_runs_and_both_tables_see_them(tiny_dir, tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats(16, seed=2)))
-    spec = {"config": {"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 64,
-                                                             "general_prompts": None},
-                       "train": {"max_steps": 1, "progress": False}, "eval": {"max_examples": 4}},
+    spec = {"config": tiny_config(tiny_dir, tmp_path, 1),
             "vary": {"method.r": [2]}, "runs": [{"train.seed": 1}], "output_dir": str(tmp_path / "sw"),
             "evaluate": False}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
