@@ -406,6 +406,20 @@ def presets_md(presets, base) -> str:
     return "\n".join(lines)
 
 
+def machine() -> dict:
+    """Where the report was made (the runs record their own settings, not the CPU)."""
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 # ------------------------------------------------------------------ page
 def put(doc: str, marker: str, text: str) -> str:
     a, b = doc.find(f"<!-- {marker} -->"), doc.find(f"<!-- /{marker} -->")
@@ -443,8 +457,9 @@ def main() -> None:
     spans = [(r["started"], r["finished"]) for r in rows if r.get("started")]
     elapsed = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
     busy = sum(b - a for a, b in spans)
+    meta = machine()
     (out / "results.json").write_text(json.dumps(
-        {"noise_sd": noise, "checks": checks, "runs": rows, "train_s_total": wall,
+        {"meta": meta, "noise_sd": noise, "checks": checks, "runs": rows, "train_s_total": wall,
          "groups": {k: {"runs": g.runs, "mean": {m: g.mean(m) for m in METRICS}, "sd": {m: g.sd(m) for m in METRICS}}
                     for k, g in groups.items()}}, indent=1, default=str) + "\n")
     comparable = [r for r in rows if r["same_heldout"]]
