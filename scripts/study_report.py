@@ -475,7 +475,11 @@ def main() -> None:
     d = doc.read_text()
     d = put(d, "noise", noise_md(base))
     d = put(d, "table", groups_md(groups, {r["run"]: r for r in rows}))
-    d = put(d, "findings", findings_md(checks))
+    stopped = [f"- {r['run']} stopped at step {r['steps']}: {r['stopped']}; the weights it kept (and was "
+               "evaluated with) are its last step's, not its best evaluation's" for r in rows
+               if r.get("stopped") and r["stopped"] != "completed"]
+    d = put(d, "findings", findings_md(checks) + ("\n\nRuns that stopped before their last step:\n\n"
+                                                  + "\n".join(stopped) if stopped else ""))
     d = put(d, "lrgrid", lr_text)
     d = put(d, "seed", seed_md(checks))
     d = put(d, "layers", layers_md(out / "runs", combos))
