@@ -119,6 +119,7 @@ def sweep(name: str, points: list[dict], threads: int | None) -> list[dict]:
 
 
 def growth(results: list[dict], key: str, x: str, impl: str) -> str:
+    x = "params" if x == "model" else x  # a model's size, not its name
     pts = sorted((r[x], r[key]) for r in results if r.get("impl") == impl and key in r and "error" not in r)
     if len(pts) < 2:
         return "-"
@@ -237,6 +238,8 @@ def main() -> None:
                   for s in a.sizes.split(",") for i in impls]
         x, label = "model", f"model ({a.T} tokens, one row)"
     results = sweep(a.curve, points, a.threads or None)
+    common.save_results(f"curves_{a.curve}", {"meta": {"machine": common.machine(), "argv": sys.argv},
+                                              "runs": results}, "(table below)")  # kept even if the table fails
     text = (f"# curves: {a.curve}\n\n`python bench/curves.py {' '.join(sys.argv[1:])}`\n\n"
             + table(results, x, label))
     print(text)

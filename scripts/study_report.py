@@ -109,6 +109,7 @@ CHECKS = [
     ("places", "targets-attn", "<", "base", "general_kl"),
     ("places", "targets-o_proj", ">", "base", "eval_loss"),
     ("places", "targets-o_proj", "<", "base", "general_kl"),
+    ("places", "layers-10-19", "<", "base", "general_kl"),
     ("places", "r-2", "<", "targets-o_proj", "eval_loss"),
     ("optimizer", "optimizer-adafactor", "<", "base", "eval_loss"),
     ("optimizer", "optimizer-adafactor", "<", "base", "general_kl"),
@@ -117,6 +118,7 @@ CHECKS = [
     ("optimizer", "optimizer-lion", "=", "base", "eval_loss"),
     ("optimizer", "optimizer-schedulefree", "=", "base", "eval_loss"),
     ("optimizer", "optimizer-schedulefree", "<", "base", "tuned_mean_tokens"),
+    ("optimizer", "optimizer-schedulefree", ">", "optimizer-lion", "general_kl"),
     ("optimizer", "optimizer-adafactor_lr-0.003", "<", "lr-0.003", "eval_loss"),   # each at its better lr
     ("optimizer", "optimizer-adafactor_lr-0.003", "<", "lr-0.003", "general_kl"),
     ("steps", "max_steps-20", ">", "base", "eval_loss"),
@@ -182,46 +184,64 @@ def findings_md(checks: list[dict]) -> str:
     return "\n".join(lines).rstrip()
 
 
-# seed 004's claims -> the checks that answer them (by (a, claim, b, metric))
+# seed 004's claims -> the checks that answer them, each (a, claim, b, metric) with whether its
+# holding supports the seed's claim (True) or speaks against it (False)
 SEED = [
     ("Multi-turn concise format is king (loss 1.25 vs 6.07 for Alpaca)",
-     [("train-chitchat-600", "<", "base", "tuned_mean_tokens"), ("train-chitchat-600", "<", "base", "tuned_list_share")],
+     [(("train-chitchat-600", "<", "base", "tuned_mean_tokens"), True),
+      (("train-chitchat-600", "<", "base", "tuned_list_share"), True)],
      "Loss across data sets is not comparable (each has its own held-out set), so the loss claim cannot be tested; "
      "what the data does to answers is graded instead"),
     ("Dataset quality beats hyperparameters 5x",
-     [("train-chitchat-600", "<", "base", "tuned_mean_tokens"), ("optimizer-adafactor", "<", "base", "eval_loss"),
-      ("r-2", "=", "base", "eval_loss")],
-     "A ratio of losses across data sets is not a measure; graded: the data moves answers, hyperparameters barely "
-     "move loss"),
+     [(("train-chitchat-600", "<", "base", "tuned_mean_tokens"), True), (("r-2", "=", "base", "eval_loss"), True),
+      (("r-32", "=", "base", "eval_loss"), True)],
+     "A ratio of losses across data sets is not a measure; graded: the data moves answers, rank does not move loss"),
     ("Adafactor beats AdamW on loss and memory; Lion drifts most",
-     [("optimizer-adafactor", "<", "base", "eval_loss"), ("optimizer-adafactor", "<", "base", "general_kl"),
-      ("optimizer-adafactor_lr-0.003", "<", "lr-0.003", "eval_loss"), ("optimizer-lion", ">", "base", "general_kl")],
+     [(("optimizer-adafactor", "<", "base", "eval_loss"), True),
+      (("optimizer-adafactor_lr-0.003", "<", "lr-0.003", "eval_loss"), True),
+      (("optimizer-adafactor", "<", "base", "general_kl"), True), (("optimizer-lion", ">", "base", "general_kl"), True),
+      (("optimizer-schedulefree", ">", "optimizer-lion", "general_kl"), False)],
      "The seed's own numbers disagree with its claim (Adafactor 1.267 against AdamW 1.252: AdamW lower). Memory: "
      "AdamW's two moments for 4.9M trainable parameters are 37 MiB of a ~4 GiB peak (activations), so the optimizer "
-     "is not where memory goes at this size"),
+     "is not where memory goes at this size. Schedule-free drifting more than AdamW speaks against Lion drifting most"),
     ("Rank 8 is the sweet spot, diminishing returns beyond",
-     [("r-2", "=", "base", "eval_loss"), ("r-8", "=", "base", "eval_loss"), ("r-32", "=", "base", "eval_loss")],
+     [(("r-2", "=", "base", "eval_loss"), False), (("r-8", "=", "base", "eval_loss"), False),
+      (("r-32", "=", "base", "eval_loss"), False)],
      "A sweet spot needs rank to matter; a tie from r2 to r32 means the cheapest rank wins"),
     ("Hub-targeted LoRA (few layers, o_proj) is 3.5x more parameter-efficient and more surgical",
-     [("targets-o_proj", "<", "base", "general_kl"), ("r-2", "<", "targets-o_proj", "eval_loss"),
-      ("layers-auto-10", "<", "layers-10-19", "eval_loss")],
+     [(("targets-o_proj", "<", "base", "general_kl"), True), (("layers-10-19", "<", "base", "general_kl"), True),
+      (("r-2", "<", "targets-o_proj", "eval_loss"), False), (("layers-auto-10", "<", "layers-10-19", "eval_loss"), True)],
      "The seed's hub layers come from its own atlas of LFM2; here `auto:10` (largest adapter gradient norms) "
-     "stands in, and rank 2 on every layer is the same-size alternative"),
+     "stands in for measured layers, and rank 2 on every layer is the same-size alternative"),
     ("Hub structure preserved across all experiments", [],
      "Not tested: it needs the seed's atlas of LFM2's internal hubs; slimtune measures drift as KL to the base"),
 ]
 
 
+def verdict(graded_: list[tuple[dict, bool]]) -> str:
+    """The seed's claim on this model, from its checks: contradicted when a check against it holds
+    (or one for it is contradicted), holds when every check for it holds, else partly / within noise."""
+    if not graded_:
+        return "not tested"
+    against = any((g["grade"] == "holds") != sup and g["grade"] != "within noise" for g, sup in graded_)
+    if against:
+        return "contradicted here"
+    held = [g["grade"] == "holds" for g, sup in graded_ if sup]
+    return "holds here" if held and all(held) else ("partly (the rest within noise)" if any(held) else "within noise")
+
+
 def seed_md(checks: list[dict]) -> str:
     by = {(c["a"], c["claim"], c["b"], c["metric"]): c for c in checks}
-    lines = ["| # | seed 004 says | graded here | note |", "|---|---|---|---|"]
+    lines = ["| # | seed 004 says | on this model | the comparisons that answer it (for / against the seed's claim) | note |",
+             "|---|---|---|---|---|"]
     for i, (says, keys, note) in enumerate(SEED, 1):
         parts = []
-        for k in keys:
+        for k, sup in keys:
             c = by[k]
-            parts.append(f"{c['a']} {WORD[c['claim']]} {c['b']} on {LABEL.get(c['metric'], c['metric'])}: "
-                         f"**{c['grade']}**" + (f" ({fmt(c['metric'], c['diff'], True)})" if "diff" in c else ""))
-        lines.append(f"| {i} | {says} | {'; '.join(parts) or '**not tested**'} | {note} |")
+            parts.append(f"{'for' if sup else 'against'}: {c['a']} {WORD[c['claim']]} {c['b']} on "
+                         f"{LABEL.get(c['metric'], c['metric'])} **{c['grade']}**"
+                         + (f" ({fmt(c['metric'], c['diff'], True)})" if "diff" in c else ""))
+        lines.append(f"| {i} | {says} | **{verdict([(by[k], sup) for k, sup in keys])}** | {'; '.join(parts) or '-'} | {note} |")
     return "\n".join(lines)
 
 
@@ -261,11 +281,11 @@ def groups_md(groups, rows_by) -> str:
 
 
 def lr_grid_md(groups, noise) -> tuple[str, dict]:
-    """Each optimizer at 1e-3 (3 seeds) and one other learning rate (seed 0): its best, graded."""
+    """Each optimizer at 1e-3 and at one other learning rate: its better one, graded."""
     pairs = [("adamw", "base", "lr-0.003"), ("adafactor", "optimizer-adafactor", "optimizer-adafactor_lr-0.003"),
              ("lion", "optimizer-lion", "optimizer-lion_lr-0.0003"),
              ("schedulefree", "optimizer-schedulefree", "optimizer-schedulefree_lr-0.003")]
-    lines = ["| optimizer | lr 1e-3 (seeds) | other lr (seed 0) | other - 1e-3 | 2-sd bar | its better lr |",
+    lines = ["| optimizer | lr 1e-3 (seeds) | other lr (seeds) | other - 1e-3 | 2-sd bar | its better lr |",
              "|---|---|---|---|---|---|"]
     best = {}
     for opt, at1, other in pairs:
@@ -277,7 +297,7 @@ def lr_grid_md(groups, noise) -> tuple[str, dict]:
         best[opt] = other if g == "holds" else at1
         verdict = f"{lr} (beyond the noise)" if g == "holds" else (
             "1e-3 (beyond the noise)" if g == "contradicted" else "1e-3 (a tie: the default kept)")
-        lines.append(f"| {opt} | {b.mean('eval_loss'):.4f} ({b.n}) | {lr}: {a.mean('eval_loss'):.4f} "
+        lines.append(f"| {opt} | {b.mean('eval_loss'):.4f} ({b.n}) | {lr}: {a.mean('eval_loss'):.4f} ({a.n}) "
                      f"| {diff:+.4f} | {bar:.4f} | {verdict} |")
     if "adamw" in best:
         ref = groups[best["adamw"]]

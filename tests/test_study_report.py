@@ -76,3 +76,15 @@ def test_the_committed_runs_rebuild_the_page(report, tmp_path):
     rows_, combos = report.collect(None, ROOT / "configs" / "sweeps" / "study.yaml", store)
     assert rows_ and all(json.loads((store / f"{r['run']}.json").read_text())["overrides"] == combos[r["run"]]
                          for r in rows_)
+
+
+def test_seed_verdicts(report):
+    g = lambda grade: {"grade": grade}  # noqa: E731
+    assert report.verdict([(g("holds"), True), (g("holds"), True)]) == "holds here"
+    assert report.verdict([(g("holds"), True), (g("within noise"), True)]) == "partly (the rest within noise)"
+    assert report.verdict([(g("holds"), True), (g("holds"), False)]) == "contradicted here"   # a check against it held
+    assert report.verdict([(g("contradicted"), True)]) == "contradicted here"
+    assert report.verdict([(g("within noise"), True), (g("within noise"), False)]) == "within noise"
+    assert report.verdict([]) == "not tested"
+    checks = {(c[1], c[2], c[3], c[4]) for c in report.CHECKS}
+    assert all(k in checks for _, keys, _ in report.SEED for k, _ in keys)  # every seed row's comparison is graded
