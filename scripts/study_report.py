@@ -519,7 +519,7 @@ def main() -> None:
         "|---|---|---|---|---|\n" + short + f"\n\nQuickstart (mean of {base.n} seeds): held-out loss "
         f"{base.mean('eval_loss'):.4f} ± {base.sd('eval_loss'):.4f}, KL {base.mean('general_kl'):.4f} ± "
         f"{base.sd('general_kl'):.4f}. Of the study's {len(checks)} graded claims, {tally['holds']} hold, "
-        f"{tally['within noise']} are within the noise and {tally['contradicted']} are contradicted "
+        f"{tally['within noise']} are within the noise, {tally['contradicted']} contradicted "
         "([docs/study.md](docs/study.md) has each, with its runs).")))
     if not args.no_presets:
         for name, choice in presets.items():
