@@ -260,7 +260,7 @@ def noise_md(base) -> str:
     return "\n".join(lines)
 
 
-def groups_md(groups, rows_by) -> str:
+def groups_md(groups) -> str:
     head = ("| configuration | seeds | held-out loss | KL held-out | KL general | lists | loops | mean tokens "
             "| trainable | adapter MB | s/step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -280,7 +280,7 @@ def groups_md(groups, rows_by) -> str:
     return "\n".join(lines)
 
 
-def lr_grid_md(groups, noise) -> tuple[str, dict]:
+def lr_grid_md(groups, noise) -> str:
     """Each optimizer at 1e-3 and at one other learning rate: its better one, graded."""
     pairs = [("adamw", "base", "lr-0.003"), ("adafactor", "optimizer-adafactor", "optimizer-adafactor_lr-0.003"),
              ("lion", "optimizer-lion", "optimizer-lion_lr-0.0003"),
@@ -312,7 +312,7 @@ def lr_grid_md(groups, noise) -> tuple[str, dict]:
             gk, dk, bk = grade(g, ref, "general_kl", "=", noise["general_kl"])
             word = lambda x, d: "no different" if x == "holds" else ("lower" if d < 0 else "higher")  # noqa: E731
             lines.append(f"| {name} | {g.n} | {dl:+.4f} | {bl:.4f} | {word(gl, dl)} | {dk:+.4f} | {bk:.4f} | {word(gk, dk)} |")
-    return "\n".join(lines), best
+    return "\n".join(lines)
 
 
 def layers_md(store: Path, combos: dict) -> str:
@@ -361,8 +361,7 @@ def choose_presets(groups, noise) -> dict[str, dict]:
         f"the fewest trainable parameters ({int(e.mean('trainable')):,} vs {int(base.mean('trainable')):,}) of the "
         f"runs whose held-out loss is not worse than the quickstart's beyond the noise ({de:+.4f}, bar {be:.4f})")}
     # most surgical: the least drift (general KL) among runs keeping >= 75% of the quickstart's loss drop
-    before = base.mean("eval_loss_before") if base.mean("eval_loss_before") else None
-    start = before if before is not None else max(x.mean("eval_loss") for x in same)
+    start = base.mean("eval_loss_before")  # the base model's loss: every run starts from it
     floor = start - 0.75 * (start - base.mean("eval_loss"))
     keep = [x for x in same if x.mean("eval_loss") <= floor]
     s = min(keep, key=lambda x: x.mean("general_kl"))
@@ -416,7 +415,7 @@ def preset_yaml(name: str, choice: dict, base) -> str:
     return "\n".join(wrapped) + "\n" + body
 
 
-def presets_md(presets, base) -> str:
+def presets_md(presets) -> str:
     lines = ["| preset | changes | seeds | held-out loss | KL held-out / general | trainable | why |",
              "|---|---|---|---|---|---|---|"]
     for name, c in presets.items():
@@ -461,8 +460,6 @@ def main() -> None:
     rows, combos = collect(Path(args.runs), Path(args.sweep), out / "runs")
     if not rows:
         sys.exit(f"no finished run in {args.runs} or {out / 'runs'}: run `slimtune sweep {args.sweep}` first")
-    for r in rows:
-        r["eval_loss_before"] = r.get("eval_loss_before")
     groups = group_by_config(rows, combos, METRICS + ["eval_loss_before"])
     base = groups["base"]
     noise = {m: base.sd(m) for m in METRICS}
@@ -472,7 +469,7 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     checks = graded(groups, noise)
-    lr_text, _ = lr_grid_md(groups, noise)
+    lr_text = lr_grid_md(groups, noise)
     presets = choose_presets(groups, noise)
     wall = sum(r["train_s"] for r in rows)
     spans = [(r["started"], r["finished"]) for r in rows if r.get("started")]
@@ -494,7 +491,7 @@ def main() -> None:
     doc = Path(args.doc)
     d = doc.read_text()
     d = put(d, "noise", noise_md(base))
-    d = put(d, "table", groups_md(groups, {r["run"]: r for r in rows}))
+    d = put(d, "table", groups_md(groups))
     stopped = [f"- {r['run']} stopped at step {r['steps']}: {r['stopped']}; the weights it kept (and was "
                "evaluated with) are its last step's, not its best evaluation's" for r in rows
                if r.get("stopped") and r["stopped"] != "completed"]
@@ -503,7 +500,7 @@ def main() -> None:
     d = put(d, "lrgrid", lr_text)
     d = put(d, "seed", seed_md(checks))
     d = put(d, "layers", layers_md(out / "runs", combos))
-    d = put(d, "presets", presets_md(presets, base))
+    d = put(d, "presets", presets_md(presets))
     d = put(d, "runs", f"{len(rows)} runs took {elapsed / 60:.0f} minutes from the first run's start to the last "
                        f"one's evaluation ({busy / 60:.0f} minutes of runs, two at a time; {wall / 60:.0f} minutes of "
                        "it training, the rest evaluation and loading)" if elapsed else f"{len(rows)} runs")

@@ -368,7 +368,7 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
         return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean)
 
 
-def _cache_kw(net) -> str:
+def cache_kwarg(net) -> str:
     """The forward's name for the KV cache: `cache` since transformers 5.24 (`past_key_values`
     warns there and goes in 5.40), `past_key_values` before."""
     import inspect
@@ -403,7 +403,7 @@ def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, n
     device = mask.device
     B, width = mask.shape
     mix = {"adapter_names": names} if names is not None else {}
-    ckw = _cache_kw(net)
+    ckw = cache_kwarg(net)
     logits = net(**inputs, **{ckw: cache}, attention_mask=mask, position_ids=pos, use_cache=True,
                  logits_to_keep=1, **mix).logits[:, -1].float()  # (B, V)
     procs = processors(s)

@@ -25,6 +25,8 @@ float rounding (tests/test_lean_decode.py), the same greedy ids.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,28 +47,26 @@ def _plain(m) -> nn.Linear | None:
     return None
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm on a float32 residual: w * x / sqrt(mean(x^2) + eps)."""
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+def _weights(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a projection in `dtype` (no copy where it already is)."""
+    return linear.weight.detach().to(dtype), None if linear.bias is None else linear.bias.detach().to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rope_of(net):
+    """The model family's own `apply_rotary_pos_emb(q, k, cos, sin)` (its modeling module's)."""
+    return getattr(sys.modules.get(type(net).__module__), "apply_rotary_pos_emb", None)
 
 
 class _Layer:
-    """One decoder layer's tensors, in the step's dtype (no copy where they already are: under bf16
-    generation `generate._cast_once` has swapped bf16 weights in)."""
+    """One decoder layer: its projections in the step's dtype (no copy where they already are: under bf16
+    generation `generate._cast_once` has swapped bf16 weights in) and its own norm modules."""
 
     def __init__(self, layer, dtype):
         a, m = layer.self_attn, layer.mlp
-        cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731 (no copy when dtype matches)
-        self.attn = a
+        self.attn, self.ln1, self.ln2 = a, layer.input_layernorm, layer.post_attention_layernorm
         self.q, self.k, self.v, self.o, self.g, self.u, self.d = (
-            (cast(x.weight), cast(x.bias)) for x in map(_plain, (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                                                 m.gate_proj, m.up_proj, m.down_proj)))
-        self.ln1, self.ln2 = layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()
+            _weights(_plain(x), dtype) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                                  m.down_proj))
 
 
 class LeanDecoder:
@@ -76,12 +76,9 @@ class LeanDecoder:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         cfg, body = net.config, net.model
-        self.dtype, self.eps = dtype, cfg.rms_norm_eps
-        self.attention = sdpa_attention_forward
-        self.embed, self.rotary = body.embed_tokens, body.rotary_emb
-        self.norm = body.norm.weight.detach().float()
-        head = _plain(net.lm_head)
-        self.head = (head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype))
+        self.dtype, self.attention, self.rope = dtype, sdpa_attention_forward, _rope_of(net)
+        self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
+        self.head = _weights(_plain(net.lm_head), dtype)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, dtype) for layer in body.layers[:cfg.num_hidden_layers]]
@@ -112,7 +109,7 @@ class LeanDecoder:
             names += [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
             if any(x is None or _plain(x) is None for x in names):
                 return None
-        if _plain(getattr(net, "lm_head", None)) is None:
+        if _plain(getattr(net, "lm_head", None)) is None or _rope_of(net) is None:
             return None
         return cls(net, dtype)
 
@@ -123,21 +120,21 @@ class LeanDecoder:
         B = tokens.shape[0]
         h = self.embed(tokens).float()                                   # (B, 1, H) residual, fp32
         cos, sin = self.rotary(h, positions)                             # (B, 1, D), fp32
-        cos, sin = cos[:, None], sin[:, None]                            # (B, 1, 1, D) over heads
         attend = mask.bool()[:, None, None, :]                           # (B, 1, 1, L)
         D, nq, nkv = self.head_dim, self.heads, self.kv_heads
         for i, lay in enumerate(self.layers):
-            x = _rms(h, lay.ln1, self.eps).to(self.dtype)
+            x = lay.ln1(h).to(self.dtype)  # the model's own norms, on the fp32 residual
             q, k, v = F.linear(x, *lay.q), F.linear(x, *lay.k), F.linear(x, *lay.v)
-            # rotary in fp32, as transformers computes it under autocast, then the attention dtype
-            q = _rotate(q.view(B, 1, nq, D).transpose(1, 2).float(), cos, sin).to(self.dtype)   # (B, nq, 1, D)
-            k = _rotate(k.view(B, 1, nkv, D).transpose(1, 2).float(), cos, sin).to(self.dtype)  # (B, nkv, 1, D)
-            keys, values = cache.layers[i].update(k, v.view(B, 1, nkv, D).transpose(1, 2))
-            out, _ = self.attention(lay.attn, q, keys, values, attend, scaling=lay.attn.scaling, is_causal=False)
+            # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
+            q, k = self.rope(q.view(B, 1, nq, D).transpose(1, 2).float(), k.view(B, 1, nkv, D).transpose(1, 2).float(),
+                             cos, sin)                                   # (B, nq / nkv, 1, D)
+            keys, values = cache.layers[i].update(k.to(self.dtype), v.view(B, 1, nkv, D).transpose(1, 2))
+            out, _ = self.attention(lay.attn, q.to(self.dtype), keys, values, attend, scaling=lay.attn.scaling,
+                                    is_causal=False)
             h = h + F.linear(out.reshape(B, 1, nq * D), *lay.o).float()
-            x = _rms(h, lay.ln2, self.eps).to(self.dtype)
+            x = lay.ln2(h).to(self.dtype)
             h = h + F.linear(F.silu(F.linear(x, *lay.g)) * F.linear(x, *lay.u), *lay.d).float()
-        x = _rms(h, self.norm, self.eps).to(self.dtype)
+        x = self.norm(h).to(self.dtype)
         return F.linear(x[:, -1], *self.head).float()
 
 

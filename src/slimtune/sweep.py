@@ -118,8 +118,7 @@ def sweep_runs(grid: dict) -> tuple[list[dict], list[str]]:
         if run_name(run) not in names:  # a run listed twice trains once
             names.add(run_name(run))
             combos.append(dict(run))
-    keys += [k for run in extra for k in run if k not in keys]
-    return combos, list(dict.fromkeys(keys))
+    return combos, list(dict.fromkeys(keys + [k for run in extra for k in run]))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -109,12 +109,11 @@ def adapter_to_mlx(tensors: dict, peft_cfg: dict, n_layers: int) -> tuple[dict, 
 @torch.no_grad()
 def torch_greedy(model, ids: list[int], n: int, stops) -> list[int]:
     """Up to n greedy token ids after `ids` (the stop token included), with a KV cache."""
-    import inspect
-
     from transformers import DynamicCache
 
-    # transformers 5.24 renamed past_key_values to cache; the cache object is filled in place either way
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from ..generate import cache_kwarg
+
+    kw = cache_kwarg(model)  # the cache object is filled in place under either name
     out, x, cache = [], torch.tensor([ids]), DynamicCache(config=model.config)
     for _ in range(n):
         t = int(model(input_ids=x, use_cache=True, **{kw: cache}).logits[0, -1].float().argmax())
