@@ -171,10 +171,45 @@ def test_generation_follows_the_runs_precision(monkeypatch, native):
     for mp, want in (("auto", "bf16"), ("bf16", "bf16"), ("no", "no")):
         cfg.train.mixed_precision = mp
         assert settings_for(cfg).autocast == (want if native == "1" else "no")
+    import slimtune.generate as G
+    from slimtune.lean_decode import LeanDecoder
+
     tok = make_tokenizer("chatml")
     model = ending_model(tok)
+    built = []  # the lean decoder's matmul dtype, where it runs
+    real = LeanDecoder.__init__
+    monkeypatch.setattr(LeanDecoder, "__init__", lambda self, net, dtype, pack=False: built.append(dtype)
+                        or real(self, net, dtype, pack))
+    generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2, autocast="bf16"))
+    generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2))
+    assert built == [torch.bfloat16, torch.float32]
+    monkeypatch.setattr(G, "LEAN", False)  # transformers' forward: its matmuls under autocast
     seen = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2, autocast="bf16"))
     generate_many(model, tok, CHATS[:2], GenSettings(max_new_tokens=2))
     assert seen[0] == torch.bfloat16 and seen[-1] == torch.float32
+
+
+def test_draw_follows_the_distribution_and_each_rows_generator():
+    """generate.draw: over 4000 draws each token's frequency is within 4 sd of its probability, a
+    zero-probability token never comes, a row's draws depend on its own generator only, and rows
+    that do not draw leave their generator untouched."""
+    from slimtune.generate import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    scores = probs.log().expand(2, -1).clone()                   # -inf for the impossible token
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    counts = torch.zeros(2, 5)
+    for _ in range(4000):
+        counts[torch.arange(2), draw(scores, gens)] += 1
+    assert counts[:, 1].sum() == 0
+    sd = (probs * (1 - probs) / 4000).sqrt()
+    assert ((counts / 4000 - probs).abs() <= 4 * sd + 1e-9).all(), counts
+    alone = draw(scores[1:], [torch.Generator().manual_seed(5)])
+    paired = draw(scores, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(5)])
+    assert int(paired[1]) == int(alone[0])
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    draw(scores, [torch.Generator().manual_seed(4), g], rows=[0])
+    assert torch.equal(g.get_state(), state)

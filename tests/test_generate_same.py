@@ -8,12 +8,12 @@ from test_generate_batched import CHATS, ending_model, lean_to_end
 from tiny import make_tokenizer
 
 from slimtune.data.render import render_prompt
-from slimtune.generate import GenSettings, _decode, _left_pad, _with_virtual, generate_many, processors, stop_ids
+from slimtune.generate import GenSettings, _decode, _left_pad, _with_virtual, draw, generate_many, processors, stop_ids
 
 
 @torch.no_grad()
 def old_decode(net, prompts, s, seeds, stops, pad, virtual=None):
-    """generate._decode before issue 27 (without adapter_names / streaming)."""
+    """generate._decode before issue 27 (without adapter_names / streaming; sampling through `draw`, row by row)."""
     from transformers import DynamicCache
 
     ids, mask = _left_pad(prompts, pad, "cpu")
@@ -34,8 +34,7 @@ def old_decode(net, prompts, s, seeds, stops, pad, virtual=None):
             scores = logits[b:b + 1]
             for p in procs:
                 scores = p(torch.tensor([seqs[r]]), scores)
-            picks.append(int(scores.argmax(-1)) if gens is None else
-                         int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gens[r])))
+            picks.append(int(scores.argmax(-1)) if gens is None else int(draw(scores, [gens[r]])))
         keep = []
         for b, (r, t) in enumerate(zip(alive, picks)):
             new[r].append(t)
@@ -144,3 +143,26 @@ def test_bf16_weights_cast_once_give_autocasts_logits_exactly(tmp_path, tiny_dir
             got = model(input_ids=ids, **kw).logits
     assert torch.equal(got, want)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=["greedy", "sampled"])
+def test_equal_prompts_are_prefilled_once_and_answer_as_alone(s):
+    """GRPO's G samples of a prompt: the prefill runs on the distinct prompts only, and each row
+    still answers what it would alone with its seed."""
+    tok = make_tokenizer("chatml")
+    model = ending_model(tok)
+    a, b = (render_prompt(c, tok) for c in CHATS[:2])
+    prompts = [a, b, a, a, b]
+    seeds = [s.seed + i for i in range(5)]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        got = _decode(model, prompts, s, seeds, stop_ids(tok, model), tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert shapes[0][0] == 2  # two distinct prompts in the prefill
+    alone = [_decode(model, [p], s, [sd], stop_ids(tok, model), tok.pad_token_id)[0] for p, sd in zip(prompts, seeds)]
+    assert got == alone
+    if s.sample:
+        assert got[0] != got[2] or got[2] != got[3]  # same prompt, own seeds: different answers

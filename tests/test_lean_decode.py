@@ -105,3 +105,55 @@ def test_models_it_does_not_cover_are_refused(tok):
                                                 sliding_window=16))
     assert LeanDecoder.build(windowed) is None
     assert LeanDecoder.build(make_qwen(tok, arch="qwen3")) is None  # q_norm / k_norm
+
+
+@torch.no_grad()
+def test_lean_prefill_equals_the_models_forward(tok):
+    """T > 1 (the prefill of left-padded prompts): causal among the new tokens, padding masked; the
+    last position's logits and the keys / values it leaves equal transformers' forward in fp32."""
+    model = models(tok)["llama"]
+    prompts = [render_prompt(c, tok) for c in CHATS[:4]]
+    ids, mask = _left_pad(prompts, tok.pad_token_id, "cpu")
+    assert len({len(p) for p in prompts}) > 1  # padding is exercised
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref_cache, lean_cache = _Cache(ids.shape[1] + 1), _Cache(ids.shape[1] + 1)
+    ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache,
+                use_cache=True).logits[:, -1]
+    got = LeanDecoder.build(model).step(ids, pos, mask, lean_cache)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    real = mask.bool()
+    for a, b in zip(ref_cache.layers, lean_cache.layers):  # real positions only: padding rows are never read
+        torch.testing.assert_close(b.keys.transpose(1, 2)[real], a.keys.transpose(1, 2)[real], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values.transpose(1, 2)[real], a.values.transpose(1, 2)[real], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("slimtune.lean_decode", fromlist=["can_pack"]).can_pack("cpu"),
+                    reason="no packed bf16 matmul (oneDNN bf16) on this CPU")
+@pytest.mark.parametrize("name", ["llama", "qwen2_bias"])
+def test_packed_bf16_decoder_equals_the_plain_bf16_one(tok, name, monkeypatch):
+    """Packed weights (q/k/v and gate/up fused) compute the plain bf16 decoder's logits to bf16
+    rounding, prefill and steps; generate_many in bf16 uses it and gives the same greedy ids."""
+    model = models(tok)[name]
+    plain, packed = LeanDecoder.build(model, torch.bfloat16), LeanDecoder.build(model, torch.bfloat16, pack=True)
+    assert packed.pack and not plain.pack
+    prompts = [render_prompt(c, tok) for c in CHATS[:4]]
+    ids, mask = _left_pad(prompts, tok.pad_token_id, "cpu")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [_Cache(ids.shape[1] + 3), _Cache(ids.shape[1] + 3)]
+    tokens, full = ids, mask
+    for _ in range(4):
+        a, b = plain.step(tokens, pos, full, caches[0]), packed.step(tokens, pos, full, caches[1])
+        assert (a - b).abs().max() <= 0.02 * a.abs().max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        tokens, pos = a.argmax(-1, keepdim=True), pos[:, -1:] + 1
+        full = torch.cat([full, full.new_ones(4, 1)], dim=1)
+    calls = []
+    real = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, *a: calls.append((self.pack, a[0].shape[1])) or real(self, *a))
+    s = GenSettings(max_new_tokens=10, autocast="bf16")
+    fast = generate_many(model, tok, CHATS, s, batch_size=4, return_ids=True)
+    assert calls and all(p for p, _ in calls) and calls[0][1] > 1  # packed, the prefill included
+    monkeypatch.setattr(G, "LEAN", False)
+    slow = generate_many(model, tok, CHATS, s, batch_size=4, return_ids=True)
+    same = sum(a["ids"] == b["ids"] for a, b in zip(fast, slow))
+    assert same >= len(CHATS) - 1, (same, len(CHATS))  # bf16: one near-tie may flip an answer

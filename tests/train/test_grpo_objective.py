@@ -64,17 +64,21 @@ def objective(data, tok, *over):
     return obj, prepared.train
 
 
-def full_logit_logps(model, batch, adapters=True):
-    """(B, Tc) log-probs of each row's completion tokens from the model's own full logits, float64."""
+def full_logit_logps(model, rows, pad, adapters=True):
+    """(B, Tc) log-probs of each row's completion tokens from the model's own full logits on the
+    rows one per completion ([prompt, completion], right-padded), float64."""
+    from slimtune.train.objectives.paired import collate_sequences
+
+    batch = collate_sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad)
     ctx = model.disable_adapter() if not adapters else torch.enable_grad()
     with ctx:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     lp = logits[:, :-1].log_softmax(-1)
     t = batch["labels"][:, 1:]
     tok_lp = lp.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1)
-    Tc = batch["loss_mask"].shape[1]
-    rows = [tok_lp[i][t[i] != -100] for i in range(len(t))]
-    return torch.stack([torch.nn.functional.pad(r, (0, Tc - len(r))) for r in rows])
+    Tc = max(len(r["completion_ids"]) for r in rows)
+    per = [tok_lp[i][t[i] != -100] for i in range(len(t))]
+    return torch.stack([torch.nn.functional.pad(r, (0, Tc - len(r))) for r in per])
 
 
 def grads(model):
@@ -130,14 +134,15 @@ def test_loss_equals_grpo_loss_on_full_logits_and_pieces_sum_to_the_batch(data, 
     assert units == want_units
     pad = tok.pad_token_id
     whole = obj.collate(step_rows, pad)
+    assert whole["input_ids"].shape[0] == 3  # the 12 completions packed by prompt: 3 rows
     out = obj(model, whole, units, 0)
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
-    # the reference: TRL's formula on the whole batch (one micro-batch), from full logits
-    lp = full_logit_logps(model, whole)
+    # the reference: TRL's formula on the whole batch (one micro-batch), from full logits, one row per completion
+    lp = full_logit_logps(model, step_rows, pad)
     with torch.no_grad():
-        ref = full_logit_logps(model, whole, adapters=False) if beta else None
+        ref = full_logit_logps(model, step_rows, pad, adapters=False) if beta else None
     want = grpo_loss(lp, None, whole["advantage"].double(), whole["loss_mask"].double(), ref, beta=beta,
                      loss_type=loss_type if loss_type != "bnpo" else "dapo", max_completion_length=6).loss
     want.backward()
@@ -192,7 +197,7 @@ def test_num_iterations_reuses_the_completions_against_their_stored_log_probs(da
     first = obj.begin_step(model, rows[:2], step=0)
     assert all(len(r["old_logps"]) == len(r["completion_ids"]) for r in first)
     batch = obj.collate(first, tok.pad_token_id)
-    lp = full_logit_logps(model, batch).float()
+    lp = full_logit_logps(model, first, tok.pad_token_id).float()
     torch.testing.assert_close(batch["old_logps"], lp.detach(), atol=1e-5, rtol=1e-5)
     again = obj.begin_step(model, rows[2:4], step=1)  # the next step trains on the same completions
     assert again is first
@@ -253,3 +258,32 @@ def test_token_logps_entropy_equals_the_full_softmax_entropy():
         got = token_logps(h, w, t, chunk_size=chunk, entropy=True).entropy
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert token_logps(h, w, t).entropy is None
+
+
+def test_split_keeps_groups_whole_within_the_token_budget(data, tok):
+    """Micro-batches hold whole groups (each prompt computed once), at most the budget of packed
+    tokens each; a group over the budget is cut into runs that each carry the prompt; every
+    completion lands in exactly one piece. An attention that cannot take the mask: one row each."""
+    obj, _ = objective(data, tok)
+    obj.attention = "sdpa"
+    rows = [{"prompt_ids": [g] * (5 + g), "completion_ids": [1] * (3 + i), "i": 4 * g + i} for g in range(3) for i in range(4)]
+    for budget in (0, 200, 60, 40, 25, 15):
+        pieces = obj.split(rows, budget)
+        assert sorted(r["i"] for p in pieces for r in p) == list(range(12))
+        for p in pieces:
+            b = obj.collate([{**r, "loss": True, "advantage": 0.0} for r in p], 0)
+            if budget and len(p) > 1:
+                assert b["input_ids"].numel() <= budget
+            prompts = [tuple(r["prompt_ids"]) for r in p]
+            assert b["input_ids"].shape[0] == len(set(prompts))  # each prompt once in its piece
+        if budget in (0, 200):
+            assert len(pieces) == 1
+        if budget == 60:  # groups are 5+g + 18 = 23..25 tokens packed: two to a piece, never cut
+            assert all(len({r["prompt_ids"][0] for r in p}) <= 2 for p in pieces)
+            assert {len([r for p in pieces for r in p if r["prompt_ids"][0] == g]) for g in range(3)} == {4}
+            assert all(len([r for r in p if r["prompt_ids"][0] == g]) in (0, 4) for p in pieces for g in range(3))
+    obj.attention = "flash_attention_2"
+    b = obj.collate([{**r, "loss": True, "advantage": 0.0} for r in rows], 0)
+    assert b["input_ids"].shape[0] == 12 and "labels" in b
+    cut = obj.split(rows, 15)  # every group over the budget: runs of its completions, each with the prompt
+    assert len([p for p in cut if p[0]["prompt_ids"][0] == 0]) >= 2

@@ -126,3 +126,48 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def count_trained(rows: list[dict]) -> int:
     """Trained target tokens of these rows (label at position t >= 1, i.e. after the shift)."""
     return sum(sum(lab != IGNORE for lab in r["labels"][1:]) for r in rows)
+
+
+def pack_shared_prefix(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """Completions of one prompt in one row: [prompt, c_1, ..., c_k], the prompt computed once.
+
+    Adjacent rows with equal prompts form a group (GRPO's G samples of a prompt). Each completion
+    attends to the prompt and to itself (causally), never to its siblings; its positions continue
+    from the prompt's end, so every token sees exactly what it would in its own row [prompt, c_j].
+    Returns input_ids, position_ids (R, T); attention_mask (R, 1, T, T) bool, True = attends
+    (padding positions attend to themselves only, so no row of the mask is empty); pred_at (N,):
+    the flat index into (R * T) of the position whose output predicts each completion token
+    (the prompt's last position for a completion's first token), target_ids (N,), lengths (n,);
+    N = the completions' tokens, completion by completion in row order.
+    """
+    groups: list[tuple[list[int], list[int]]] = []
+    for i, p in enumerate(prompts):
+        if groups and groups[-1][0] == p:
+            groups[-1][1].append(i)
+        else:
+            groups.append((p, [i]))
+    T = max(len(p) + sum(len(completions[i]) for i in idx) for p, idx in groups)
+    ids, pos, seg = [], [], []
+    pred: list[list[int]] = [[] for _ in completions]
+    for r, (p, idx) in enumerate(groups):
+        row, at, part = list(p), list(range(len(p))), [0] * len(p)
+        for j, i in enumerate(idx, 1):
+            c, start = completions[i], len(row)
+            pred[i] = ([r * T + len(p) - 1] + [r * T + start + t for t in range(len(c) - 1)]) if c else []
+            row += c
+            at += range(len(p), len(p) + len(c))
+            part += [j] * len(c)
+        pad = T - len(row)
+        ids.append(row + [pad_id] * pad)
+        pos.append(at + [0] * pad)
+        seg.append(part + [-1] * pad)
+    seg_t = torch.tensor(seg)                                               # (R, T): 0 prompt, j completion j, -1 pad
+    k = torch.arange(T)
+    real = seg_t >= 0
+    mask = ((k[None, :] <= k[:, None])[None]                                # causal: key <= query
+            & ((seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None]))  # the prompt, or the same completion
+            & real[:, None, :] & real[:, :, None]) | torch.eye(T, dtype=torch.bool)[None]
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "attention_mask": mask[:, None],
+            "pred_at": torch.tensor([x for p in pred for x in p], dtype=torch.long),
+            "target_ids": torch.tensor([t for c in completions for t in c], dtype=torch.long),
+            "lengths": torch.tensor([len(c) for c in completions])}

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import broadcast, gather_object
 
 from ..config import Config
-from ..data.batching import collate, length_grouped_batches, pack, row_length, split_by_tokens
+from ..data.batching import collate, length_grouped_batches, pack, row_length
 from ..data.prepare import Prepared
 from ..errors import ConfigError
 from ..machine import bf16_supported, four_bit_support, pick_device
@@ -266,7 +266,7 @@ def step(s: Session) -> dict:
         batches = [[s.rows[i] for i in idx] for idx in mine]
         units = sum(s.objective.units([s.rows[i] for i in idx]) for idx in group)  # all processes
         tokens = sum(s.objective.tokens([s.rows[i] for i in idx]) for idx in group)
-    micro = [piece for rows in batches for piece in split_by_tokens(rows, tc.micro_batch_tokens, s.objective.length)]
+    micro = [piece for rows in batches for piece in s.objective.split(rows, tc.micro_batch_tokens)]
     sums = accumulate_grads(s.model, micro, units, s.tokenizer.pad_token_id, s.objective, loop["step"],
                             s.ref_model, acc, s.amp)
     s.amp.unscale(s.optimizer)  # fp16: true gradients before clipping

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...data.batching import collate, row_length
+from ...data.batching import collate, row_length, split_by_tokens
 from ...specs import SPECS, ObjectiveSpec
 
 
@@ -89,6 +89,10 @@ class Objective:
     def length(self, row: dict) -> int:
         """Tokens the row costs in one forward pass (length grouping, the token budget)."""
         return row_length(row)
+
+    def split(self, rows: list[dict], max_tokens: int) -> list[list[dict]]:
+        """One batch's rows in micro-batches of at most `max_tokens` padded tokens (0: one piece)."""
+        return split_by_tokens(rows, max_tokens, self.length)
 
     def prepare_data(self, tokenizer, seed: int = 0, log=None):
         """cfg.data -> Prepared rows of this objective's kind."""

@@ -4,6 +4,10 @@ samples during the step.
     begin_step   B prompts --generate_many (G samples each, adapters merged, no grad)--> B*G completions
                  --rewards.compute_rewards--> r (B*G,) --losses.grpo.group_advantages--> A (B*G,)
                  --> rows {prompt_ids, completion_ids, advantage, loss (counts in the loss), old_logps?}
+    split        micro-batches of whole groups (the G completions of a prompt), within the token budget
+    collate      each group in one row [prompt, c_1, ..., c_G] (`batching.pack_shared_prefix`): the
+                 prompt is computed once for its G completions, each completion attending to the
+                 prompt and itself only, so every token's log-prob is the one its own row would give
     __call__     log-probs of the completion tokens (B*G, T) in chunks, the base's too when grpo.beta > 0
                  --losses.grpo.grpo_loss--> this micro-batch's share of the step's loss
 
@@ -26,6 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from ...config import CHUNK_SIZE
+from ...data.batching import pack_shared_prefix
 from ...data.preference import split_rows
 from ...data.prepare import Prepared
 from ...data.prompts import last_user, prompt_rows
@@ -38,7 +43,7 @@ from ...losses import grpo as G
 from ...losses.preference import token_logps
 from ...rewards import BUILTINS, compute_rewards, load_function, parse_specs
 from ...utils import eval_mode
-from ..forward import chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
+from ..forward import base_hidden, chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
 from .base import Objective, StepOut, append_samples, process_place, sample_seed
 from .paired import collate_sequences
 
@@ -55,28 +60,49 @@ def _merging(net):
 
 
 def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False, chunk_size: int = CHUNK_SIZE) -> dict:
-    """Per-token scores of the completions of `batch` (collate_sequences' rows, B x T):
-    logps (B, Tc) with grad, ref_logps (B, Tc) or None, entropy (B, Tc) no grad; zeros past each
-    completion's end (Tc = the longest completion)."""
-    targets = batch["labels"][:, 1:]                        # position t predicts token t+1
-    sel = targets != IGNORE                                  # (B, T-1): the completion tokens, in order
-    lengths = sel.sum(1)
+    """Per-token scores of a batch's n completions: logps (n, Tc) with grad, ref_logps (n, Tc) or
+    None, entropy (n, Tc) no grad; zeros past each completion's end (Tc = the longest completion).
+    The batch: `batching.pack_shared_prefix`'s (pred_at / target_ids / lengths: each group's prompt
+    once) or collate_sequences' rows (labels, one row per completion)."""
+    if "pred_at" in batch:
+        at, tokens, lengths = batch["pred_at"], batch["target_ids"], batch["lengths"]
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+        kw = {}
+        if want_ref:  # the base first, while no autograd graph is held
+            kw = dict(ref_hidden=base_hidden(model, inputs, ref_model).flatten(0, 1)[at], **reference_head(model, ref_model))
+            chunk_size = chunk_with_reference(chunk_size)
+        h = hidden_states(model, inputs).flatten(0, 1)[at]   # (N, H), N = completion tokens
+    else:
+        targets = batch["labels"][:, 1:]                     # position t predicts token t+1
+        sel = targets != IGNORE                              # (B, T-1): the completion tokens, in order
+        tokens, lengths = targets[sel], sel.sum(1)
+        kw = {}
+        if want_ref:
+            kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model), **reference_head(model, ref_model))
+            chunk_size = chunk_with_reference(chunk_size)
+        h = hidden_states(model, batch)[:, :-1][sel]
     Tc = int(lengths.max()) if lengths.numel() else 0
-    kw = {}
-    if want_ref:  # the base first, while no autograd graph is held
-        kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model), **reference_head(model, ref_model))
-        chunk_size = chunk_with_reference(chunk_size)
-    h = hidden_states(model, batch)[:, :-1][sel]             # (N, H), N = completion tokens
     head = output_layer(model)
-    tl = token_logps(h, head.weight, targets[sel], bias=head.bias, chunk_size=chunk_size, logit_softcap=head.softcap,
+    tl = token_logps(h, head.weight, tokens, bias=head.bias, chunk_size=chunk_size, logit_softcap=head.softcap,
                      logit_scale=head.scale, entropy=True, **kw)
-    within = torch.arange(Tc, device=sel.device)[None, :] < lengths[:, None]   # (B, Tc)
+    within = torch.arange(Tc, device=lengths.device)[None, :] < lengths[:, None]   # (n, Tc)
 
-    def spread(flat):                                        # (N,) -> (B, Tc), row-major like `sel`
+    def spread(flat):                                        # (N,) -> (n, Tc), completion by completion
         return None if flat is None else torch.zeros(within.shape, dtype=flat.dtype, device=flat.device).masked_scatter(within, flat)
 
     return {"logps": spread(tl.logps), "ref_logps": spread(tl.ref_logps), "entropy": spread(tl.entropy),
             "within": within}
+
+
+PACKABLE = {"sdpa", "slimtune_sdpa", "eager"}
+"""Attention implementations that take pack_shared_prefix's (R, 1, T, T) mask (eager as an additive one)."""
+
+
+def attention_kind(model) -> str:
+    """The model's attention implementation (transformers' config._attn_implementation)."""
+    net = _unwrapped(model)
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) or "eager"
 
 
 class GRPO(Objective):
@@ -100,6 +126,8 @@ class GRPO(Objective):
         """The sampled completions' statistics, added to the step's first micro-batch's sums."""
         self.length_max = 0
         """Longest completion of the last step on this process."""
+        self.attention = "eager"
+        """The policy's attention implementation (set at each step): `PACKABLE` ones get packed groups."""
 
     @property
     def uses_reference(self) -> bool:
@@ -159,6 +187,7 @@ class GRPO(Objective):
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
         """B prompt rows -> B*G completion rows (see the module docstring), G adjacent per prompt."""
         gc = self.cfg.grpo
+        self.attention = attention_kind(model)
         k = self._calls[1] + 1 if self._calls[0] == step else 0
         self._calls = (step, k)
         if k == 0:
@@ -234,7 +263,7 @@ class GRPO(Objective):
         with eval_mode(model), amp:  # as the loss will compute them (train.mixed_precision)
             for s in range(0, len(rows), bs):
                 part = rows[s:s + bs]
-                batch = {k: v.to(device) for k, v in self._sequences(part).items()}
+                batch = {k: v.to(device) for k, v in self.collate(part, self._pad()).items()}
                 lp = completion_scores(model, batch, chunk_size=self.cfg.loss.chunk_size)["logps"]
                 for r, row_lp in zip(part, lp.tolist()):
                     r["old_logps"] = row_lp[:len(r["completion_ids"])]
@@ -258,13 +287,51 @@ class GRPO(Objective):
         """Completion tokens trained on (throughput)."""
         return sum(len(r["completion_ids"]) for r in rows)
 
-    def _sequences(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
-        return collate_sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad)
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+
+    def split(self, rows: list[dict], max_tokens: int) -> list[list[dict]]:
+        """Micro-batches of whole groups (rows sharing a prompt, adjacent as begin_step makes them)
+        where they fit, so each prompt is computed once: a group costs its packed length (prompt +
+        its completions); a group longer than the budget is cut into runs of completions, each
+        with the prompt. Pieces of at most `max_tokens` padded tokens, longest first."""
+        if self.attention not in PACKABLE:
+            return super().split(rows, max_tokens)
+        units: list[list[dict]] = []
+        for r in rows:
+            if units and units[-1][0]["prompt_ids"] == r["prompt_ids"] and (
+                    not max_tokens or self._packed(units[-1] + [r]) <= max_tokens):
+                units[-1].append(r)
+            else:
+                units.append([r])
+        if not max_tokens or len(units) * max(map(self._packed, units)) <= max_tokens:
+            return [rows]
+        units.sort(key=lambda u: -self._packed(u))
+        out: list[list[list[dict]]] = []
+        for u in units:
+            if out and self._packed(out[-1][0]) * (len(out[-1]) + 1) <= max_tokens:
+                out[-1].append(u)
+            else:
+                out.append([u])
+        return [[r for u in piece for r in u] for piece in out]
+
+    @staticmethod
+    def _packed(unit: list[dict]) -> int:
+        """Tokens of one group packed: its prompt once, then each completion."""
+        return len(unit[0]["prompt_ids"]) + sum(len(r.get("completion_ids", ())) for r in unit)
 
     def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """collate_sequences' (B, T) tensors + advantage (B,), loss_mask (B, Tc), old_logps (B, Tc)."""
-        batch = collate_sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+        """The completions as `pack_shared_prefix` packs them (each prompt once; collate_sequences'
+        one row per completion where the attention cannot take the mask: `PACKABLE`) + advantage (n,),
+        loss_mask (n, Tc), old_logps (n, Tc)."""
+        prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
+        if self.attention in PACKABLE:
+            batch = pack_shared_prefix(prompts, completions, pad_id)
+            if self.attention == "eager":  # eager attention adds its mask to the scores
+                batch["attention_mask"] = torch.zeros(batch["attention_mask"].shape).masked_fill(
+                    ~batch["attention_mask"], torch.finfo(torch.float32).min)
+        else:
+            batch = collate_sequences(prompts, completions, pad_id)
         Tc = max(len(r["completion_ids"]) for r in rows)
         mask = torch.zeros(len(rows), Tc)
         for i, r in enumerate(rows):
