@@ -14,7 +14,9 @@ model's template); the medians over rounds are reported.
 llama.cpp (llama-cpp-python, the f32 GGUF `slimtune export` writes): one sequence per `Llama`, so
 batch B = the B prompts one after another (--llama-batches, default 1 and 8).
 More variants: slimtune_bf16 (bf16 decoding whatever --autocast says), slimtune_no_lean and
-slimtune_bf16_no_lean (every decoding step through transformers' forward, as before lean_decode.py).
+slimtune_bf16_no_lean (every decoding step through transformers' forward, as before lean_decode.py),
+hf_dynamic_bf16 (transformers' `generate` under bf16 autocast, as TRL's bf16=True runs it).
+A bf16 variant's limit counts half the weight and KV bytes and the bf16 matmul peak.
 
 The limits, measured in the same process: read bandwidth (sum of a 1 GiB fp32 tensor) and fp32
 matmul peak (2048^2, torch's threads). A decoding step reads every weight once plus each row's
@@ -155,7 +157,7 @@ def run_slimtune(model, tok, prompts, n_new, stops, pad, autocast="no", lean=Tru
     return {"ids": ids, "seconds": time.perf_counter() - t, "ttft_s": first[0] - t}
 
 
-def run_hf(model, tok, prompts, n_new, stops, pad, cache="dynamic"):
+def run_hf(model, tok, prompts, n_new, stops, pad, cache="dynamic", autocast="no"):
     from transformers import LogitsProcessor, LogitsProcessorList
 
     first = []
@@ -175,7 +177,7 @@ def run_hf(model, tok, prompts, n_new, stops, pad, cache="dynamic"):
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     try:
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                                  eos_token_id=stops or None, pad_token_id=pad, top_k=None, top_p=None,
                                  logits_processor=LogitsProcessorList([FirstToken()]), **kw)
@@ -293,6 +295,7 @@ def main(argv=None):
     runners = {"slimtune": lambda *a: run_slimtune(*a, autocast=args.autocast),
                "hf_dynamic": lambda *a: run_hf(*a, cache="dynamic"),
                "hf_static": lambda *a: run_hf(*a, cache="static"),
+               "hf_dynamic_bf16": lambda *a: run_hf(*a, cache="dynamic", autocast="bf16"),
                "slimtune_bf16": lambda *a: run_slimtune(*a, autocast="bf16"),
                "slimtune_no_lean": lambda *a: run_slimtune(*a, autocast=args.autocast, lean=False),
                "slimtune_bf16_no_lean": lambda *a: run_slimtune(*a, autocast="bf16", lean=False)}
@@ -323,7 +326,8 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "ids_head"}), flush=True)
     info["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
-    summary = summarise(rows, costs, bw["read_gbs"], peak, prompts_all, args.new_tokens, args.stop)
+    summary = summarise(rows, costs, bw["read_gbs"], peak, prompts_all, args.new_tokens, args.stop,
+                        info["bf16_peak_gflops"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"info": info, "settings": vars(args), "summary": summary, "rows": rows}, indent=1) + "\n")
@@ -332,13 +336,17 @@ def main(argv=None):
     print(md)
 
 
-def summarise(rows, costs, bw, peak, prompts_all, n_new, stop) -> list[dict]:
+def summarise(rows, costs, bw, peak, prompts_all, n_new, stop, bf16_peak=None) -> list[dict]:
+    """Medians per (batch, variant), each beside its limit: a bf16 variant's with half the weight
+    and KV bytes and the bf16 matmul peak."""
     out = []
+    half = {**costs, "weight_bytes": costs["weight_bytes"] / 2, "kv_bytes_per_token": costs["kv_bytes_per_token"] / 2}
     for B in sorted({r["batch"] for r in rows}):
         lens = [len(p) for p in prompts_all[:B]]
-        lim = limit(costs, B, lens, n_new, bw, peak)
         same = {r["variant"]: r["ids_hash"] for r in rows if r["batch"] == B and r["round"] == 0}
         for v in dict.fromkeys(r["variant"] for r in rows if r["batch"] == B):
+            lim = (limit(half, B, lens, n_new, bw, bf16_peak or peak) if "bf16" in v
+                   else limit(costs, B, lens, n_new, bw, peak))
             mine = [r for r in rows if r["batch"] == B and r["variant"] == v]
             med = {k: statistics.median(r[k] for r in mine) for k in ("tok_s", "decode_tok_s", "ttft_s", "seconds")}
             out.append({"batch": B, "variant": v, **{k: round(x, 3) for k, x in med.items()},
@@ -368,9 +376,10 @@ def table(info, summary, args) -> str:
                      f"{' '.join(s['loadavg'])} |")
     tok_s = {(x["batch"], x["variant"]): x["tok_s"] for x in summary}
     lines.append("")
-    for B, other in ((1, "llama_cpp"), (32, "hf_dynamic"), (32, "hf_static")):
-        if (B, other) in tok_s and (B, "slimtune") in tok_s:
-            lines.append(f"- batch {B}: slimtune / {other} = {tok_s[(B, 'slimtune')] / tok_s[(B, other)]:.2f}x tokens/s")
+    for mine in ("slimtune", "slimtune_bf16"):
+        for B, other in ((1, "llama_cpp"), (32, "hf_dynamic"), (32, "hf_dynamic_bf16"), (32, "hf_static")):
+            if (B, other) in tok_s and (B, mine) in tok_s:
+                lines.append(f"- batch {B}: {mine} / {other} = {tok_s[(B, mine)] / tok_s[(B, other)]:.2f}x tokens/s")
     return "\n".join(lines) + "\n"
 
 

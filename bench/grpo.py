@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["no", "bf16"], default="no",
                     help="bf16: slimtune's train.mixed_precision=bf16 and TRL's bf16=True (autocast, both)")
+    ap.add_argument("--trl-no-gc", action="store_true",
+                    help="TRL without gradient checkpointing (GRPOConfig's default is on; slimtune's is off)")
     ap.add_argument("--name", default="grpo")
     args = ap.parse_args()
     import tempfile
@@ -166,7 +168,7 @@ def main() -> None:
         for fw in (["trl", "slimtune"] if r % 2 == 0 else ["slimtune", "trl"]):
             spec = {"framework": fw, "model_dir": model_dir, "data": data, "steps": args.steps,
                     "prompts": args.prompts, "G": args.generations, "new_tokens": args.new_tokens,
-                    "precision": args.precision}
+                    "precision": args.precision, "trl": {"gradient_checkpointing": False} if args.trl_no_gc else {}}
             loads.append(Path("/proc/loadavg").read_text().split()[:3])
             t0 = time.perf_counter()
             res = common.run_worker(script, spec, threads=args.threads)
@@ -196,6 +198,7 @@ def main() -> None:
     md = (f"# slimtune GRPO vs TRL GRPOTrainer ({common.MODELS['smollm2'][0]})\n\n"
           f"{args.prompts} prompts x G {args.generations} = {args.prompts * args.generations} completions/step, "
           f"<= {args.new_tokens} new tokens, temperature 1, {args.steps} steps, LoRA r16 attn, dapo, beta 0, "
+          f"TRL gradient checkpointing {'off' if args.trl_no_gc else 'on (its default)'}, "
           f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, "
           f"{args.threads} threads, {args.rounds} rounds interleaved; medians (min-max). Load average before "
           f"each run: {', '.join('/'.join(x) for x in loads)}.\n\n{table}\n\n"

@@ -131,23 +131,31 @@ def test_settings_from_config_and_overrides():
     assert not s.sample and GenSettings(temperature=0.5).sample
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_base_and_tuned_rows_in_one_batch_equal_the_separate_paths(tmp_path, tiny_dir, method, gen_cache):
-    """answer_both: base rows (adapter off) and tuned rows share batches and give what the base
-    alone and the tuned model alone give, greedy and sampled (seed + position on both sides)."""
+def test_base_and_tuned_rows_in_one_batch_equal_the_separate_paths(tmp_path, tiny_dir, method, lean, gen_cache,
+                                                                   monkeypatch):
+    """answer_both gives what the base alone and the tuned model alone give through transformers'
+    forward one chat at a time (the path before the lean step), greedy and sampled (seed +
+    position on both sides): with the lean step as two lean streams (base with adapters off, tuned
+    merged), without it as base and tuned rows sharing batches (LoRA) or one after the other (DoRA)."""
+    import slimtune.generate as G
     from slimtune.evaluate.base_vs_tuned import BaseVsTuned
-    from slimtune.generate import can_mix
+    from slimtune.generate import can_mix, lean_applies
 
     run = make_run(tmp_path, tiny_dir, method)
     pair = BaseVsTuned(run)
     assert can_mix(pair.model) == (method == "lora")  # DoRA: PEFT has no mixed batch; the separate paths run
     for s in (GenSettings(max_new_tokens=10), GenSettings(max_new_tokens=10, temperature=0.9, top_k=20, seed=3)):
+        monkeypatch.setattr(G, "LEAN", False)
         with pair.base() as base:
             want_base = [generate(base, pair.tok, c, 10, s.temperature, seed=s.seed + i, top_k=s.top_k)["text"]
                          for i, c in enumerate(CHATS)]
         want_tuned = [generate(pair.model, pair.tok, c, 10, s.temperature, seed=s.seed + i, top_k=s.top_k)["text"]
                       for i, c in enumerate(CHATS)]
         assert want_base != want_tuned  # the adapter changes answers: a swapped side would show
+        monkeypatch.setattr(G, "LEAN", lean)
+        assert lean_applies(pair.model) == lean
         base, tuned = pair.answer_both(CHATS, s, batch_size=5, use_cache=False)
         assert [a["text"] for a in base] == want_base and [a["text"] for a in tuned] == want_tuned
     # half the base answers cached: the other half is generated beside the tuned rows

@@ -157,3 +157,22 @@ def test_packed_bf16_decoder_equals_the_plain_bf16_one(tok, name, monkeypatch):
     slow = generate_many(model, tok, CHATS, s, batch_size=4, return_ids=True)
     same = sum(a["ids"] == b["ids"] for a, b in zip(fast, slow))
     assert same >= len(CHATS) - 1, (same, len(CHATS))  # bf16: one near-tie may flip an answer
+
+
+def test_adapters_switched_off_decode_as_the_base(tok):
+    """A LoRA model with its adapters switched off (the base side of `slimtune eval`) is covered:
+    the lean step computes the base model's logits; merged and switched off it is refused (PEFT
+    unmerges on the fly then)."""
+    model = make_model(tok, hidden=64, layers=2, seed=5)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    net = lora.get_base_model()
+    assert LeanDecoder.covers(net) and not LeanDecoder.covers(net, adapters=False)
+    with lora.disable_adapter():
+        dec = LeanDecoder.build(net)
+        assert dec is not None
+        for ref, got in both_steps(net, tok):
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    with merged(lora):
+        with lora.disable_adapter():
+            assert LeanDecoder.build(net) is None

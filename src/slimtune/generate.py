@@ -393,6 +393,14 @@ LEAN = True
 """Decode with `lean_decode.LeanDecoder` where it covers the model (False: transformers' forward)."""
 
 
+def lean_applies(model) -> bool:
+    """A model whose base and tuned answers both decode through the lean step: its architecture is
+    covered and its adapter merges (the tuned side merged, the base side with adapters off). Such
+    a model answers base and tuned in two lean streams rather than one mixed stream through
+    transformers' forward with per-row adapters (`adapter_on`)."""
+    return LEAN and can_merge(model) and LeanDecoder.covers(_net(model))
+
+
 def _bf16(net) -> bool:
     """Generation runs under bf16 autocast now."""
     kind = next(net.parameters()).device.type

@@ -15,7 +15,8 @@ output classes. `LeanDecoder.step` computes what
   re-lays the weight out at every call: at batch 24 the packed matmul takes 0.7x the time of the
   plain one for a layer's projections and 0.35x for the 49k-row head (BENCHMARKS.md). Packed
   weights are bitwise the plain bf16 matmul's results. A packed decoder also runs the prefill
-  (`forward` with T > 1: causal and padding masks), so generation needs no other bf16 copy.
+  (`step` with T > 1: causal and padding masks), so generation needs no other bf16 copy, and
+  trims operators: each RMSNorm as one `F.rms_norm`, q and k rotated as one tensor, one cast.
   (Fusing q/k/v in fp32 gave no measurable gain at batch 1, so fp32 keeps transformers' layout.)
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
@@ -41,13 +42,17 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 
 def _plain(m) -> nn.Linear | None:
     """The nn.Linear a projection computes with: itself, or a PEFT layer's base layer when every
-    active adapter is merged into it (its forward then is the base layer's)."""
+    active adapter is merged into it or its adapters are switched off with none merged (its forward
+    then is the base layer's)."""
     if type(m) is nn.Linear:
         return m
     base = getattr(m, "base_layer", None)
-    if type(base) is nn.Linear and not getattr(m, "disable_adapters", False):
+    if type(base) is nn.Linear:
+        merged = set(getattr(m, "merged_adapters", []) or [])
+        if getattr(m, "disable_adapters", False):  # switched off: the base layer's forward, if nothing is merged in
+            return None if merged else base
         active = set(getattr(m, "active_adapters", []) or [])
-        if active and active <= set(getattr(m, "merged_adapters", [])):
+        if active and active <= merged:
             return base
     return None
 
@@ -81,11 +86,12 @@ def can_pack(device: torch.device | str) -> bool:
 
 class _Proj:
     """One or more projections of the same input as one matmul: `proj(x)` -> their outputs (a
-    tuple when several). Packed (oneDNN's bf16 blocked layout) or F.linear on (weight, bias)."""
+    tuple when several; split=False: the one concatenated output). Packed (oneDNN's bf16 blocked
+    layout) or F.linear on (weight, bias)."""
 
-    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch: int = 32):
+    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch: int = 32, split: bool = True):
         ws = [_weights(m, dtype) for m in linears]
-        self.sizes = [w.shape[0] for w, _ in ws]
+        self.sizes = [w.shape[0] for w, _ in ws] if split else [sum(w.shape[0] for w, _ in ws)]
         self.pack = pack
         if len(ws) == 1:
             w, b = ws[0]
@@ -107,16 +113,28 @@ def _rope_of(net):
     return getattr(sys.modules.get(type(net).__module__), "apply_rotary_pos_emb", None)
 
 
+def _norm(module, fused: bool):
+    """The model's RMSNorm module, or (fused) the same computation as one `F.rms_norm` call on the
+    fp32 residual: x * rsqrt(mean(x^2) + eps) * weight (Llama / Mistral / Qwen2's RMSNorm, whose input
+    here is already fp32); float rounding apart, the same numbers."""
+    w, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not fused or w is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
+        return module
+    shape, weight = (w.shape[-1],), w.detach()
+    return lambda x: F.rms_norm(x, shape, weight, eps)
+
+
 class _Layer:
     """One decoder layer: its projections in the step's dtype (packed: q/k/v and gate/up fused; plain:
     no copy where the weights already are in it) and its own norm modules."""
 
     def __init__(self, layer, dtype, pack):
         a, m = layer.self_attn, layer.mlp
-        self.attn, self.ln1, self.ln2 = a, layer.input_layernorm, layer.post_attention_layernorm
+        self.attn = a
+        self.norm1, self.norm2 = _norm(layer.input_layernorm, pack), _norm(layer.post_attention_layernorm, pack)
         self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack), _Proj([_plain(m.down_proj)], dtype, pack)
         if pack:
-            self.qkv = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack)
+            self.qkv = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
             self.gu = _Proj([_plain(m.gate_proj), _plain(m.up_proj)], dtype, pack)
         else:
             q, k, v = (_Proj([_plain(x)], dtype, pack) for x in (a.q_proj, a.k_proj, a.v_proj))
@@ -133,7 +151,7 @@ class LeanDecoder:
 
         cfg, body = net.config, net.model
         self.dtype, self.pack, self.attention, self.rope = dtype, pack, sdpa_attention_forward, _rope_of(net)
-        self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
+        self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, _norm(body.norm, pack)
         self.head = _Proj([_plain(net.lm_head)], dtype, pack)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -143,32 +161,47 @@ class LeanDecoder:
     def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False) -> LeanDecoder | None:
         """A decoder for `net` (a transformers CausalLM, adapters merged or none), or None. pack
         (bf16 only, where `can_pack`): the weights in oneDNN's packed layout, q/k/v and gate/up fused."""
+        if not cls.covers(net, adapters=False):
+            return None
+        return cls(net, dtype, pack and dtype == torch.bfloat16 and can_pack(next(net.parameters()).device))
+
+    @staticmethod
+    def covers(net, adapters: bool = True) -> bool:
+        """`net`'s architecture is one this step computes. adapters=True: LoRA-style adapter layers on
+        the projections are allowed (merged or switched off they decode here); False: every
+        projection must compute as a plain Linear now."""
         cfg = getattr(net, "config", None)
         body = getattr(net, "model", None)
         if cfg is None or body is None or getattr(cfg, "model_type", None) not in SUPPORTED:
-            return None
+            return False
         if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) not in (None, 1):
-            return None
+            return False
         window = getattr(cfg, "sliding_window", None)
         if window is not None and getattr(cfg, "use_sliding_window", cfg.model_type == "mistral"):
-            return None  # a window would hide old keys that this step attends to
+            return False  # a window would hide old keys that this step attends to
         if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager", "slimtune_sdpa"):
-            return None
+            return False
         if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "attn_logit_softcapping")):
-            return None
+            return False
         if not all(hasattr(body, n) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
-            return None
+            return False
+
+        def ok(x):
+            if x is None:
+                return False
+            if adapters and type(getattr(x, "base_layer", None)) is nn.Linear:
+                return True
+            return _plain(x) is not None
+
         for layer in body.layers:
             a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             if a is None or m is None or hasattr(a, "q_norm") or hasattr(a, "sinks"):
-                return None
+                return False
             names = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
             names += [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-            if any(x is None or _plain(x) is None for x in names):
-                return None
-        if _plain(getattr(net, "lm_head", None)) is None or _rope_of(net) is None:
-            return None
-        return cls(net, dtype, pack and dtype == torch.bfloat16 and can_pack(next(net.parameters()).device))
+            if not all(map(ok, names)):
+                return False
+        return ok(getattr(net, "lm_head", None)) and _rope_of(net) is not None
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -186,19 +219,26 @@ class LeanDecoder:
             attend = (attend & (k_at <= q_at)) | (k_at == q_at)           # (B, 1, T, L)
         D, nq, nkv = self.head_dim, self.heads, self.kv_heads
         for i, lay in enumerate(self.layers):
-            x = lay.ln1(h).to(self.dtype)  # the model's own norms, on the fp32 residual
-            q, k, v = lay.qkv(x)
-            # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
-            q, k = self.rope(q.reshape(B, T, nq, D).transpose(1, 2).float(), k.reshape(B, T, nkv, D).transpose(1, 2).float(),
-                             cos, sin)                                   # (B, nq / nkv, T, D)
-            keys, values = cache.update(k.to(self.dtype), v.reshape(B, T, nkv, D).transpose(1, 2), i)
-            out, _ = self.attention(lay.attn, q.to(self.dtype), keys, values, attend, scaling=lay.attn.scaling,
-                                    is_causal=False)
+            x = lay.norm1(h).to(self.dtype)  # the norms on the fp32 residual
+            if self.pack:  # one (B, T, (nq + 2 nkv) D) output: q and k rotated together, one cast
+                y = lay.qkv(x)
+                qk = y[..., :(nq + nkv) * D].reshape(B, T, nq + nkv, D).transpose(1, 2).float()
+                qk = self.rope(qk, qk[:, :0], cos, sin)[0].to(self.dtype)   # (B, nq + nkv, T, D)
+                q, k = qk[:, :nq], qk[:, nq:]
+                v = y[..., (nq + nkv) * D:]
+            else:
+                q, k, v = lay.qkv(x)
+                # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
+                q, k = self.rope(q.reshape(B, T, nq, D).transpose(1, 2).float(),
+                                 k.reshape(B, T, nkv, D).transpose(1, 2).float(), cos, sin)  # (B, nq / nkv, T, D)
+                q, k = q.to(self.dtype), k.to(self.dtype)
+            keys, values = cache.update(k, v.reshape(B, T, nkv, D).transpose(1, 2), i)
+            out, _ = self.attention(lay.attn, q, keys, values, attend, scaling=lay.attn.scaling, is_causal=False)
             h = h + lay.o(out.reshape(B, T, nq * D)).float()
-            x = lay.ln2(h).to(self.dtype)
+            x = lay.norm2(h).to(self.dtype)
             g, u = lay.gu(x)
             h = h + lay.d(F.silu(g) * u).float()
-        x = self.norm(h[:, -1]).to(self.dtype)
+        x = self.final_norm(h[:, -1]).to(self.dtype)
         return self.head(x).float()
 
 

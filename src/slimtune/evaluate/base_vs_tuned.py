@@ -19,7 +19,7 @@ import json
 from contextlib import contextmanager
 
 from ..data.render import render_prompt
-from ..generate import GenSettings, can_mix, generate_many, merged, stop_ids
+from ..generate import GenSettings, can_mix, generate_many, lean_applies, merged, stop_ids
 from ..models import cache_dir, model_files
 from ..readback import read_json
 from ..runfolder import as_base, base_reference, load_run, run_kind
@@ -88,14 +88,16 @@ class BaseVsTuned:
                     log=None) -> tuple[list[dict], list[dict]]:
         """(base answers, tuned answers). Base answers come from the cache where they can; the
         missing ones share batches with the tuned ones when the adapter allows (generate.can_mix),
-        which costs little more than the tuned side alone. Sampled answers use seed + position,
+        which costs little more than the tuned side alone, unless both sides decode through the
+        lean step (generate.lean_applies): two lean streams are then faster than one mixed one. Sampled answers use seed + position,
         as `answer_base` and `answer_tuned` do."""
         if not self.is_run:
             raise ValueError(f"{self.run} is a plain model: it has no base")
         cache = AnswerCache(self.cfg.model.name, self.dtype, settings, self.tok, self.model) if use_cache else None
         found = cache.get(chats) if cache else [None] * len(chats)
         todo = [i for i, a in enumerate(found) if a is None]
-        if not todo or not can_mix(self.model):  # nothing to share a batch with, or a method that cannot
+        # nothing to share a batch with, a method that cannot, or two lean streams are faster
+        if not todo or not can_mix(self.model) or lean_applies(self.model):
             base = self.answer_base(chats, settings, batch_size, use_cache, log)
             return base, self.answer_tuned(chats, settings, batch_size, log)
         both = [chats[i] for i in todo] + list(chats)

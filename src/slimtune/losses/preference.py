@@ -96,9 +96,9 @@ class _TokenLogps(torch.autograd.Function):
             z, tanh = project(hidden[s:e].detach(), w, b, tf, keep_tanh=True)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
-            if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer, the sum as a batched dot product
+            if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer (a (c, 1, V) x (c, V, 1) bmm was 10x slower on a CPU)
                 p = (z - lse[:, None]).exp_()
-                ent[s:e] = lse - torch.bmm(p[:, None, :], z[:, :, None]).view(-1)
+                ent[s:e] = lse - p.mul_(z).sum(-1)
                 del p
             if ref_hidden is not None:
                 rz = project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
