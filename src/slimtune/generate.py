@@ -307,8 +307,8 @@ class _Layer(DynamicLayer):
             self.device, self.is_initialized = key_states.device, True
             B, H, _, D = key_states.shape  # keys stored in the values' dtype: under bf16 autocast the
             # rotary embedding leaves keys fp32 and attention casts them to bf16 at every call anyway
-            self.kbuf = key_states.new_zeros(B, H, self.capacity, D, dtype=value_states.dtype)
-            self.vbuf = value_states.new_zeros(B, H, self.capacity, value_states.shape[-1])
+            self.kbuf = key_states.new_empty(B, H, self.capacity, D, dtype=value_states.dtype)
+            self.vbuf = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
         end = self.length + key_states.shape[-2]
         self.kbuf[:, :, self.length:end] = key_states
         self.vbuf[:, :, self.length:end] = value_states
@@ -370,15 +370,13 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     B, width = mask.shape                        # width: virtual tokens (prompt / prefix tuning) included
     cache = _Cache(width + s.max_new_tokens, inputs.pop("past_key_values", None))
     full = torch.cat([mask, mask.new_ones(B, s.max_new_tokens)], dim=1)  # (B, width + n): each step's mask, sliced
-    if plain and LEAN and _bf16(net) and can_pack(device):  # packed bf16 weights of its own: the prefill
-        lean = _lean(net)                                  # runs through it too, no other bf16 copy
-        if lean is not None:
-            return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean,
-                          expand)
-    with _cast_once(net):  # built inside: under bf16 the lean step takes the weights cast once, no copy
-        lean = _lean(net) if plain else None
+    # packed bf16 weights of its own: the prefill runs through it too, no other bf16 copy is needed;
+    # otherwise built inside _cast_once: under bf16 the lean step takes the weights cast once, no copy
+    packed = _lean(net) if plain and _bf16(net) and can_pack(device) else None
+    with nullcontext() if packed is not None else _cast_once(net):
+        lean = packed or (_lean(net) if plain else None)
         return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean,
-                          expand)
+                      expand)
 
 
 def cache_kwarg(net) -> str:

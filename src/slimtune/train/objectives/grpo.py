@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from ...config import CHUNK_SIZE
-from ...data.batching import pack_shared_prefix
+from ...data.batching import pack_shared_prefix, split_by_tokens
 from ...data.preference import split_rows
 from ...data.prepare import Prepared
 from ...data.prompts import last_user, prompt_rows
@@ -43,7 +43,7 @@ from ...losses import grpo as G
 from ...losses.preference import token_logps
 from ...rewards import BUILTINS, compute_rewards, load_function, parse_specs
 from ...utils import eval_mode
-from ..forward import base_hidden, chunk_with_reference, hidden_states, output_layer, reference_at, reference_head
+from ..forward import base_hidden, chunk_with_reference, hidden_states, output_layer, reference_head
 from .base import Objective, StepOut, append_samples, process_place, sample_seed
 from .paired import collate_sequences
 
@@ -65,22 +65,24 @@ def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False
     The batch: `batching.pack_shared_prefix`'s (pred_at / target_ids / lengths: each group's prompt
     once) or collate_sequences' rows (labels, one row per completion)."""
     if "pred_at" in batch:
-        at, tokens, lengths = batch["pred_at"], batch["target_ids"], batch["lengths"]
         inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
-        kw = {}
-        if want_ref:  # the base first, while no autograd graph is held
-            kw = dict(ref_hidden=base_hidden(model, inputs, ref_model).flatten(0, 1)[at], **reference_head(model, ref_model))
-            chunk_size = chunk_with_reference(chunk_size)
-        h = hidden_states(model, inputs).flatten(0, 1)[at]   # (N, H), N = completion tokens
+        tokens, lengths = batch["target_ids"], batch["lengths"]
+
+        def pick(hidden):                                    # (R, T, H) -> (N, H), N = completion tokens
+            return hidden.flatten(0, 1)[batch["pred_at"]]
     else:
+        inputs = batch
         targets = batch["labels"][:, 1:]                     # position t predicts token t+1
         sel = targets != IGNORE                              # (B, T-1): the completion tokens, in order
         tokens, lengths = targets[sel], sel.sum(1)
-        kw = {}
-        if want_ref:
-            kw = dict(ref_hidden=reference_at(model, batch, sel, ref_model), **reference_head(model, ref_model))
-            chunk_size = chunk_with_reference(chunk_size)
-        h = hidden_states(model, batch)[:, :-1][sel]
+
+        def pick(hidden):
+            return hidden[:, :-1][sel]
+    kw = {}
+    if want_ref:  # the base first, while no autograd graph is held
+        kw = dict(ref_hidden=pick(base_hidden(model, inputs, ref_model)), **reference_head(model, ref_model))
+        chunk_size = chunk_with_reference(chunk_size)
+    h = pick(hidden_states(model, inputs))
     Tc = int(lengths.max()) if lengths.numel() else 0
     head = output_layer(model)
     tl = token_logps(h, head.weight, tokens, bias=head.bias, chunk_size=chunk_size, logit_softcap=head.softcap,
@@ -304,16 +306,7 @@ class GRPO(Objective):
                 units[-1].append(r)
             else:
                 units.append([r])
-        if not max_tokens or len(units) * max(map(self._packed, units)) <= max_tokens:
-            return [rows]
-        units.sort(key=lambda u: -self._packed(u))
-        out: list[list[list[dict]]] = []
-        for u in units:
-            if out and self._packed(out[-1][0]) * (len(out[-1]) + 1) <= max_tokens:
-                out[-1].append(u)
-            else:
-                out.append([u])
-        return [[r for u in piece for r in u] for piece in out]
+        return [[r for u in piece for r in u] for piece in split_by_tokens(units, max_tokens, self._packed)]
 
     @staticmethod
     def _packed(unit: list[dict]) -> int:
