@@ -176,3 +176,19 @@ def test_adapters_switched_off_decode_as_the_base(tok):
     with merged(lora):
         with lora.disable_adapter():
             assert LeanDecoder.build(net) is None
+
+
+def test_half_turn_rotation_is_the_models_rotary(tok):
+    """The packed one-token step rotates q and k by x @ (diag(cos) + P sin) with P = `_half_turn`:
+    the model's own apply_rotary_pos_emb (rotate_half) to float rounding, at several positions."""
+    from slimtune.lean_decode import _half_turn, _rope_of
+
+    model = models(tok)["llama"]
+    D = model.config.hidden_size // model.config.num_attention_heads
+    pos = torch.tensor([[0], [3], [17], [250]])
+    x = torch.randn(4, 6, D, generator=torch.Generator().manual_seed(0))      # (B, heads, D)
+    cos, sin = model.model.rotary_emb(x, pos)                                  # (B, 1, D)
+    turn = torch.diag_embed(cos[:, 0]) + _half_turn(D) * sin[:, 0, None, :]
+    ref = _rope_of(model)(x[:, :, None], x[:, :, None], cos, sin)[0][:, :, 0]  # (B, heads, D)
+    torch.testing.assert_close(torch.bmm(x, turn), ref, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(ref[1:], x[1:], atol=1e-3)                       # positions > 0 do rotate

@@ -16,7 +16,11 @@ output classes. `LeanDecoder.step` computes what
   plain one for a layer's projections and 0.35x for the 49k-row head (BENCHMARKS.md). Packed
   weights are bitwise the plain bf16 matmul's results. A packed decoder also runs the prefill
   (`step` with T > 1: causal and padding masks), so generation needs no other bf16 copy, and
-  trims operators: each RMSNorm as one `F.rms_norm`, q and k rotated as one tensor, one cast.
+  trims operators (`_packed`): RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate
+  SiLU and the up-projection's product as oneDNN post-ops, and for one new token q and k rotated by
+  one (B, D, D) matmul, attention with each key/value head's query heads as its queries, the padding
+  mask made additive once per step. Generation runs in inference mode (`generate._decode`).
+  Batch 1: 37 -> 31 ms a step, batch 24: 52 -> 47 ms (BENCHMARKS.md).
   (Fusing q/k/v in fp32 gave no measurable gain at batch 1, so fp32 keeps transformers' layout.)
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
@@ -66,18 +70,24 @@ _PACKS: dict[str, bool] = {}
 
 
 def can_pack(device: torch.device | str) -> bool:
-    """oneDNN's packed bf16 linear works here (a CPU torch with mkldnn and native bf16 matmuls);
-    probed once per process on a small matmul against F.linear."""
+    """oneDNN's packed bf16 linear works here (a CPU torch with mkldnn and native bf16 matmuls), with
+    the SiLU ("swish") and multiply post-ops the packed MLP uses; probed once per process on a small
+    matmul against F.linear (its own generator: the global one is left alone)."""
     kind = torch.device(device).type
     if kind not in _PACKS:
         ok = False
         if kind == "cpu" and torch.backends.mkldnn.is_available():
             try:
                 ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-                w, x = torch.randn(8, 16).bfloat16(), torch.randn(3, 16).bfloat16()
-                got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None,
-                                                         "none", [], "")
-                ok = ok and torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2)
+                g = torch.Generator().manual_seed(0)
+                w, x = torch.randn(8, 16, generator=g).bfloat16(), torch.randn(3, 16, generator=g).bfloat16()
+                pw, ref = torch.ops.mkldnn._reorder_linear_weight(w, 3), F.linear(x, w).float()
+                got = torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], "")
+                act = torch.ops.mkldnn._linear_pointwise(x, pw, None, "swish", [], "")
+                mul = torch.ops.mkldnn._linear_pointwise.binary(x, act, pw, None, "mul")
+                ok = ok and torch.allclose(got.float(), ref, atol=1e-2) and torch.allclose(
+                    act.float(), F.silu(ref), atol=2e-2) and torch.allclose(mul.float(), ref * F.silu(ref), atol=5e-2,
+                                                                            rtol=2e-2)
             except (AttributeError, RuntimeError):
                 ok = False
         _PACKS[kind] = ok
@@ -89,7 +99,8 @@ class _Proj:
     tuple when several; split=False: the one concatenated output). Packed (oneDNN's bf16 blocked
     layout) or F.linear on (weight, bias)."""
 
-    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch: int = 32, split: bool = True):
+    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch: int = 32, split: bool = True,
+                 post: str = "none"):
         ws = [_weights(m, dtype) for m in linears]
         self.sizes = [w.shape[0] for w, _ in ws] if split else [sum(w.shape[0] for w, _ in ws)]
         self.pack = pack
@@ -100,12 +111,16 @@ class _Proj:
             b = None if all(x is None for _, x in ws) else torch.cat(
                 [x if x is not None else w.new_zeros(w.shape[0]) for w, x in ws])
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
-        self.b = b
+        self.b, self.post = b, post
 
     def __call__(self, x: torch.Tensor):
-        y = (torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "") if self.pack
+        y = (torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, self.post, [], "") if self.pack
              else F.linear(x, self.w, self.b))
         return y if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
+
+    def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """proj(x) * other in one oneDNN call (packed only; other: proj(x)'s shape and dtype)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.w, self.b, "mul")
 
 
 def _rope_of(net):
@@ -113,34 +128,57 @@ def _rope_of(net):
     return getattr(sys.modules.get(type(net).__module__), "apply_rotary_pos_emb", None)
 
 
-def _norm(module, fused: bool):
-    """The model's RMSNorm module, or (fused) the same computation as one `F.rms_norm` call on the
-    fp32 residual: x * rsqrt(mean(x^2) + eps) * weight (Llama / Mistral / Qwen2's RMSNorm, whose input
-    here is already fp32); float rounding apart, the same numbers."""
+def _rms(module):
+    """(weight, eps) of a Llama / Mistral / Qwen2-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight),
+    or None for any other norm."""
     w, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    if not fused or w is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
-        return module
-    shape, weight = (w.shape[-1],), w.detach()
-    return lambda x: F.rms_norm(x, shape, weight, eps)
+    if w is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
+        return None
+    return w.detach(), float(eps)
+
+
+def rms_norms(net) -> bool:
+    """Every norm of `net` is an RMSNorm the packed decoder computes itself (`_normed`)."""
+    body = net.model
+    return _rms(body.norm) is not None and all(
+        _rms(x.input_layernorm) is not None and _rms(x.post_attention_layernorm) is not None for x in body.layers)
+
+
+def _normed(h: torch.Tensor, norm: tuple[torch.Tensor, float], dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm of the fp32 residual h over its last dim, in `dtype`: the model's computation in
+    five small operators (F.rms_norm is a dozen on the CPU)."""
+    w, eps = norm
+    return (h * torch.rsqrt((h * h).mean(-1, keepdim=True) + eps) * w).to(dtype)
 
 
 class _Layer:
-    """One decoder layer: its projections in the step's dtype (packed: q/k/v and gate/up fused; plain:
-    no copy where the weights already are in it) and its own norm modules."""
+    """One decoder layer: its projections in the step's dtype and its own norm modules (plain: no
+    copy where the weights already are in the dtype); packed: q/k/v one matmul, gate with SiLU and
+    up with the multiply as oneDNN post-ops."""
 
     def __init__(self, layer, dtype, pack):
         a, m = layer.self_attn, layer.mlp
-        self.attn = a
-        self.norm1, self.norm2 = _norm(layer.input_layernorm, pack), _norm(layer.post_attention_layernorm, pack)
+        self.attn, self.scaling = a, a.scaling
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack), _Proj([_plain(m.down_proj)], dtype, pack)
         if pack:
+            self.rms1, self.rms2 = _rms(self.norm1), _rms(self.norm2)
             self.qkv = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
-            self.gu = _Proj([_plain(m.gate_proj), _plain(m.up_proj)], dtype, pack)
+            self.gate = _Proj([_plain(m.gate_proj)], dtype, pack, post="swish")
+            self.up = _Proj([_plain(m.up_proj)], dtype, pack)
         else:
             q, k, v = (_Proj([_plain(x)], dtype, pack) for x in (a.q_proj, a.k_proj, a.v_proj))
             g, u = _Proj([_plain(m.gate_proj)], dtype, pack), _Proj([_plain(m.up_proj)], dtype, pack)
             self.qkv = lambda x: (q(x), k(x), v(x))
             self.gu = lambda x: (g(x), u(x))
+
+
+def _half_turn(D: int) -> torch.Tensor:
+    """(D, D) P with x @ P = rotate_half(x) = cat(-x[D/2:], x[:D/2]) for a row vector x."""
+    P, n = torch.zeros(D, D), D // 2
+    P[torch.arange(n) + n, torch.arange(n)] = -1.0
+    P[torch.arange(n), torch.arange(n) + n] = 1.0
+    return P
 
 
 class LeanDecoder:
@@ -151,19 +189,23 @@ class LeanDecoder:
 
         cfg, body = net.config, net.model
         self.dtype, self.pack, self.attention, self.rope = dtype, pack, sdpa_attention_forward, _rope_of(net)
-        self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, _norm(body.norm, pack)
+        self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, body.norm
         self.head = _Proj([_plain(net.lm_head)], dtype, pack)
+        self.rms = _rms(body.norm) if pack else None
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, dtype, pack) for layer in body.layers[:cfg.num_hidden_layers]]
+        self.turn = _half_turn(self.head_dim) if pack else None
 
     @classmethod
     def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False) -> LeanDecoder | None:
         """A decoder for `net` (a transformers CausalLM, adapters merged or none), or None. pack
-        (bf16 only, where `can_pack`): the weights in oneDNN's packed layout, q/k/v and gate/up fused."""
+        (bf16 only, where `can_pack` and every norm is an RMSNorm): the weights in oneDNN's packed layout (see
+        `_Layer`)."""
         if not cls.covers(net, adapters=False):
             return None
-        return cls(net, dtype, pack and dtype == torch.bfloat16 and can_pack(next(net.parameters()).device))
+        pack = pack and dtype == torch.bfloat16 and rms_norms(net) and can_pack(next(net.parameters()).device)
+        return cls(net, dtype, pack)
 
     @staticmethod
     def covers(net, adapters: bool = True) -> bool:
@@ -208,38 +250,73 @@ class LeanDecoder:
         """tokens, positions (B, T); mask (B, L): 1 for every position attended, these T tokens'
         included (the last T); cache: generate._Cache, its layers' buffers filled to L - T. T > 1
         (a prefill) attends causally among the T. Returns the last position's (B, V) float32 logits."""
+        if self.pack:
+            return self._packed(tokens, positions, mask, cache)
         B, T = tokens.shape
-        L = mask.shape[1]
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
         cos, sin = self.rotary(h, positions)                             # (B, T, D), fp32
-        attend = mask.bool()[:, None, None, :]                           # (B, 1, 1, L)
-        if T > 1:  # causal among the new tokens; each attends to itself, so a padding row is never empty
-            q_at = torch.arange(L - T, L, device=mask.device)[:, None]   # (T, 1) absolute index of each query
-            k_at = torch.arange(L, device=mask.device)[None, :]
-            attend = (attend & (k_at <= q_at)) | (k_at == q_at)           # (B, 1, T, L)
+        attend = _attend(mask, T)
         D, nq, nkv = self.head_dim, self.heads, self.kv_heads
         for i, lay in enumerate(self.layers):
             x = lay.norm1(h).to(self.dtype)  # the norms on the fp32 residual
-            if self.pack:  # one (B, T, (nq + 2 nkv) D) output: q and k rotated together, one cast
-                y = lay.qkv(x)
-                qk = y[..., :(nq + nkv) * D].reshape(B, T, nq + nkv, D).transpose(1, 2).float()
-                qk = self.rope(qk, qk[:, :0], cos, sin)[0].to(self.dtype)   # (B, nq + nkv, T, D)
-                q, k = qk[:, :nq], qk[:, nq:]
-                v = y[..., (nq + nkv) * D:]
-            else:
-                q, k, v = lay.qkv(x)
-                # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
-                q, k = self.rope(q.reshape(B, T, nq, D).transpose(1, 2).float(),
-                                 k.reshape(B, T, nkv, D).transpose(1, 2).float(), cos, sin)  # (B, nq / nkv, T, D)
-                q, k = q.to(self.dtype), k.to(self.dtype)
+            q, k, v = lay.qkv(x)
+            # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
+            q, k = self.rope(q.reshape(B, T, nq, D).transpose(1, 2).float(),
+                             k.reshape(B, T, nkv, D).transpose(1, 2).float(), cos, sin)  # (B, nq / nkv, T, D)
+            q, k = q.to(self.dtype), k.to(self.dtype)
             keys, values = cache.update(k, v.reshape(B, T, nkv, D).transpose(1, 2), i)
-            out, _ = self.attention(lay.attn, q, keys, values, attend, scaling=lay.attn.scaling, is_causal=False)
+            out, _ = self.attention(lay.attn, q, keys, values, attend, scaling=lay.scaling, is_causal=False)
             h = h + lay.o(out.reshape(B, T, nq * D)).float()
             x = lay.norm2(h).to(self.dtype)
             g, u = lay.gu(x)
             h = h + lay.d(F.silu(g) * u).float()
         x = self.final_norm(h[:, -1]).to(self.dtype)
         return self.head(x).float()
+
+    def _packed(self, tokens, positions, mask, cache) -> torch.Tensor:
+        """`step` with packed weights (`_Layer`). One new token per row
+        (T = 1) takes the short way: rotary as one (B, D, D) rotation shared by all layers (cos and
+        sin on the diagonal and the half-turn), attention with each key/value head's query heads as
+        its G queries (no key/value repeat), bf16 matmul outputs added to the fp32 residual directly."""
+        B, T = tokens.shape
+        D, nq, nkv, dt = self.head_dim, self.heads, self.kv_heads, self.dtype
+        h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
+        cos, sin = self.rotary(h, positions)                             # (B, T, D), fp32
+        attend = _attend(mask, T)
+        one = T == 1 and cos.shape[-1] == D
+        if one:  # (B, D, D): x @ turn = x * cos + rotate_half(x) * sin; the mask additive once, not per layer
+            turn = torch.diag_embed(cos[:, 0]) + self.turn * sin[:, 0, None, :]
+            bias = torch.zeros(attend.shape, dtype=dt, device=h.device).masked_fill_(~attend, float("-inf"))
+        nqk = (nq + nkv) * D
+        for i, lay in enumerate(self.layers):
+            y = lay.qkv(_normed(h, lay.rms1, dt))                        # (B, T, (nq + 2 nkv) D)
+            if one:
+                qk = torch.bmm(y[:, 0, :nqk].view(B, nq + nkv, D).float(), turn).to(dt)   # (B, nq + nkv, D)
+                q, k = qk[:, :nq].view(B, nkv, nq // nkv, D), qk[:, nq:, None]          # grouped; (B, nkv, 1, D)
+                keys, values = cache.update(k, y[:, 0, nqk:].view(B, nkv, 1, D), i)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=lay.scaling)
+            else:
+                qk = y[..., :nqk].reshape(B, T, nq + nkv, D).transpose(1, 2).float()
+                qk = self.rope(qk, qk[:, :0], cos, sin)[0].to(dt)         # (B, nq + nkv, T, D)
+                keys, values = cache.update(qk[:, nq:], y[..., nqk:].reshape(B, T, nkv, D).transpose(1, 2), i)
+                out, _ = self.attention(lay.attn, qk[:, :nq], keys, values, attend, scaling=lay.scaling,
+                                        is_causal=False)
+            h = h + lay.o(out.reshape(B, T, nq * D))                     # fp32 + bf16 -> fp32
+            x = _normed(h, lay.rms2, dt)
+            h = h + lay.d(lay.up.times(x, lay.gate(x)))                  # down(up(x) * silu(gate(x)))
+        return self.head(_normed(h[:, -1], self.rms, dt)).float()
+
+
+def _attend(mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, 1, L) bool from a (B, L) 0/1 mask; T > 1: (B, 1, T, L), also causal among the last T
+    positions, each attending to itself so a padding row is never empty."""
+    L = mask.shape[1]
+    attend = mask.bool()[:, None, None, :]
+    if T > 1:
+        q_at = torch.arange(L - T, L, device=mask.device)[:, None]   # (T, 1) absolute index of each query
+        k_at = torch.arange(L, device=mask.device)[None, :]
+        attend = (attend & (k_at <= q_at)) | (k_at == q_at)
+    return attend
 
 
 __all__ = ["LeanDecoder", "SUPPORTED", "can_pack"]
