@@ -250,13 +250,20 @@ def test_token_logps_entropy_equals_the_full_softmax_entropy():
     from slimtune.losses.preference import token_logps
 
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(13, 8, generator=g), torch.randn(40, 8, generator=g)
+    h, w, b = torch.randn(13, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
     t = torch.randint(40, (13,), generator=g)
-    lp = (h.double() @ w.double().T).log_softmax(-1)
-    want = -(lp.exp() * lp).sum(-1)
-    for chunk in (1, 4, 100):
-        got = token_logps(h, w, t, chunk_size=chunk, entropy=True).entropy
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for bias, scale, cap in ((None, None, None), (b, 0.7, None), (b, None, 2.0)):  # affine heads, and soft-capped
+        z = h.double() @ w.double().T + (0 if bias is None else bias.double())
+        z = z * (scale or 1.0)
+        z = z if cap is None else cap * torch.tanh(z / cap)
+        lp = z.log_softmax(-1)
+        want = -(lp.exp() * lp).sum(-1)
+        for chunk in (1, 4, 100):
+            for grad in (False, True):  # with a grad the softmax is shared with d logp / d h
+                out = token_logps(h.requires_grad_(grad), w, t, bias=bias, chunk_size=chunk, entropy=True,
+                                  logit_scale=scale, logit_softcap=cap)
+                torch.testing.assert_close(out.entropy.double(), want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out.logps.double(), lp.gather(1, t[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
     assert token_logps(h, w, t).entropy is None
 
 

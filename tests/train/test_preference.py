@@ -148,7 +148,7 @@ def test_token_logps_values_kl_and_grads_match_float64(tok):
     rh = torch.randn(N, H, generator=g, dtype=torch.float64)
     t = torch.randint(V, (N,), generator=g)
     coef = torch.randn(N, generator=g, dtype=torch.float64)
-    for scale, cap in ((None, None), (None, 3.0), (0.5, 2.0)):
+    for scale, cap in ((None, None), (0.5, None), (None, 3.0), (0.5, 2.0)):  # affine, and through the soft-cap
         def logits(x):
             z = (x @ w.T + b) * (scale or 1.0)
             return z if cap is None else cap * torch.tanh(z / cap)

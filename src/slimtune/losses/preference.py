@@ -90,16 +90,13 @@ class _TokenLogps(torch.autograd.Function):
         kl = torch.empty_like(ref_logps)
         ent = torch.empty(n if want_ent else 0, device=hidden.device)
         jac = torch.empty_like(hidden) if need_h else None         # d logp_t / d hidden_t
+        affine = tf[1] is None  # no soft-cap: z = scale * (w . h + b), so sum_v p_v z_v and p @ w share one matmul
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             t = targets[s:e]
             z, tanh = project(hidden[s:e].detach(), w, b, tf, keep_tanh=True)     # (c, V)
             lse = z.logsumexp(-1)
             logps[s:e] = z.gather(1, t[:, None]).squeeze(1) - lse
-            if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer (a (c, 1, V) x (c, V, 1) bmm was 10x slower on a CPU)
-                p = (z - lse[:, None]).exp_()
-                ent[s:e] = lse - p.mul_(z).sum(-1)
-                del p
             if ref_hidden is not None:
                 rz = project(ref_hidden[s:e].detach(), ref_weight.detach(), None if ref_bias is None
                              else ref_bias.detach(), tf)
@@ -108,10 +105,27 @@ class _TokenLogps(torch.autograd.Function):
                 # KL(ref || pi) = sum_v p_ref (log p_ref - log pi)
                 kl[s:e] = (rlog.exp() * (rlog - z + lse[:, None])).sum(-1)
                 del rz, rlog
-            if need_h:
-                g = _dlogp_dz(z, lse, t, tanh, tf)
-                jac[s:e] = (g.to(w.dtype) @ w).to(hidden.dtype)
-                del g
+            if affine and (need_h or want_ent):
+                # softmax once, in z's buffer: d logp_t / d h = scale (w_t - p @ w) and
+                # H = lse - sum_v p_v z_v = lse - scale (h . (p @ w) + p . b); no second (c, V) pass
+                sc = 1.0 if tf[0] is None else tf[0]
+                p = z.sub_(lse[:, None]).exp_()
+                pw = p.to(w.dtype) @ w                                          # (c, H)
+                if want_ent:
+                    dot = (hidden[s:e].detach().float() * pw.float()).sum(-1)
+                    ent[s:e] = lse - sc * (dot if b is None else dot + p @ b.float())
+                if need_h:
+                    jac[s:e] = ((w[t] - pw) * sc).to(hidden.dtype)
+                del p, pw
+            else:
+                if want_ent:  # H = lse - sum_v p_v z_v; one (c, V) buffer (a (c, 1, V) x (c, V, 1) bmm was 10x slower on a CPU)
+                    p = (z - lse[:, None]).exp_()
+                    ent[s:e] = lse - p.mul_(z).sum(-1)
+                    del p
+                if need_h:
+                    g = _dlogp_dz(z, lse, t, tanh, tf)
+                    jac[s:e] = (g.to(w.dtype) @ w).to(hidden.dtype)
+                    del g
             del z, tanh
         ctx.save_for_backward(jac, hidden if (need_w or need_b) else None, weight, bias, targets)
         ctx.opts = opts
