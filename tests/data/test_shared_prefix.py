@@ -42,3 +42,32 @@ def test_packed_logits_equal_one_row_per_completion():
                            for p, c in zip(prompts, completions)])
     torch.testing.assert_close(packed, alone, atol=1e-9, rtol=1e-9)
     assert torch.equal(b["target_ids"], torch.tensor([t for c in completions for t in c]))
+
+
+def test_grouped_attention_equals_the_masked_attention_values_and_grads():
+    """grouped_attention (prompts causal, each completion against [its prompt, itself]) computes what
+    SDPA computes over the whole row under pack_shared_prefix's mask, at every real position, and
+    the same gradients: unequal prompts, an empty completion, a prompt longer than another row's,
+    grouped query heads (4 query heads on 2 key/value heads), float64."""
+    import torch.nn.functional as F
+
+    from slimtune.train.precision import grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1, 2, 3, 4, 5]] * 3 + [[7, 8]] * 2 + [[9, 9, 9]]
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18], [19, 20], [], [21, 22, 23, 24, 25]]
+    b = pack_shared_prefix(prompts, completions, pad_id=0)
+    R, _, T, _ = b["attention_mask"].shape
+    q = torch.randn(R, 4, T, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(R, 2, T, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=b["attention_mask"], enable_gqa=True).transpose(1, 2)
+    got = grouped_attention(q, k, v, b["groups"])
+    real = b["input_ids"] != 0                                    # (R, T): padding positions are never read
+    assert got.shape == want.shape and int(real.sum()) == (5 + 3 + 1 + 4) + (2 + 2 + 0) + (3 + 5)
+    torch.testing.assert_close(got[real], want[real], atol=1e-12, rtol=1e-12)
+    w = torch.randn(want.shape, dtype=torch.float64, generator=g) * real[:, :, None, None]
+    for a, e in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    layout = b["groups"]
+    assert layout["cmask"].shape == (6, 1, 5, 5 + 5) and layout["pmask"].shape == (3, 1, 5, 5)
+    assert layout["cmask"].any(-1).all() and layout["pmask"].any(-1).all()   # no query without a key (no NaN)

@@ -123,10 +123,13 @@ def test_begin_step_is_reproducible_and_groups_are_centred(data, tok):
 
 
 @pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("grpo", 0.04), ("dr_grpo", 0.0), ("bnpo", 0.1)])
-def test_loss_equals_grpo_loss_on_full_logits_and_pieces_sum_to_the_batch(data, tok, loss_type, beta):
+def test_loss_equals_grpo_loss_on_full_logits_and_pieces_sum_to_the_batch(data, tok, loss_type, beta, monkeypatch):
     obj, rows = objective(data, tok, f"grpo.loss_type={loss_type}", f"grpo.beta={beta}", "loss.chunk_size=5")
     model = lora_model(tok).double()
     step_rows = obj.begin_step(model, rows[:3], step=0)
+    import slimtune.train.precision as P
+    real, seen = P.grouped_attention, []
+    monkeypatch.setattr(P, "grouped_attention", lambda *a, **k: seen.append(a[0].shape) or real(*a, **k))
     step_rows[1]["loss"] = False  # a masked completion (as grpo.mask_truncated makes them)
     units = obj.units(step_rows)
     want_units = (sum(len(r["completion_ids"]) for r in step_rows if r["loss"]) if loss_type in ("dapo", "bnpo")
@@ -137,6 +140,7 @@ def test_loss_equals_grpo_loss_on_full_logits_and_pieces_sum_to_the_batch(data, 
     assert whole["input_ids"].shape[0] == 3  # the 12 completions packed by prompt: 3 rows
     out = obj(model, whole, units, 0)
     out.loss.backward()
+    assert seen and seen[0][0] == 3  # the packed rows attended group by group (grouped_attention)
     got = grads(model)
     model.zero_grad()
     # the reference: TRL's formula on the whole batch (one micro-batch), from full logits, one row per completion

@@ -170,4 +170,50 @@ def pack_shared_prefix(prompts: list[list[int]], completions: list[list[int]], p
     return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "attention_mask": mask[:, None],
             "pred_at": torch.tensor([x for p in pred for x in p], dtype=torch.long),
             "target_ids": torch.tensor([t for c in completions for t in c], dtype=torch.long),
-            "lengths": torch.tensor([len(c) for c in completions])}
+            "lengths": torch.tensor([len(c) for c in completions]),
+            "groups": _group_layout(groups, completions, T)}
+
+
+class GroupLayout(dict):
+    """`_group_layout`'s tensors; moves to a device with the batch (`.to`)."""
+
+    def to(self, device) -> GroupLayout:
+        return GroupLayout({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.items()})
+
+
+def _group_layout(groups: list[tuple[list[int], list[int]]], completions: list[list[int]], T: int) -> GroupLayout:
+    """Index tensors for attention over pack_shared_prefix's rows without the masked blocks
+    (`train.precision.grouped_attention`): each row's prompt (the first Pm = longest prompt
+    positions, causal), then every completion as its own (Lm,) query block against [its row's
+    prompt keys (Pm), its own keys (Lm)]. pmask (R, 1, Pm, Pm), cmask (C, 1, Lm, Pm + Lm) bool
+    (padding queries attend to themselves: no empty row); at (C, Lm): flat (R * T) index of each
+    completion token (padding: its row's first); row (C,); src (R * T,): where each position's output
+    is in [prompt outputs (R * Pm), completion outputs (C * Lm)] (padding: 0)."""
+    R, C = len(groups), sum(len(idx) for _, idx in groups)
+    Pm = max(len(p) for p, _ in groups)
+    Lm = max([len(completions[i]) for _, idx in groups for i in idx] + [1])
+    P = torch.tensor([len(p) for p, _ in groups])
+    at = torch.zeros(C, Lm, dtype=torch.long)
+    row = torch.zeros(C, dtype=torch.long)
+    lens = torch.zeros(C, dtype=torch.long)
+    src = torch.zeros(R * T, dtype=torch.long)
+    c = 0
+    for r, (p, idx) in enumerate(groups):
+        src[r * T + torch.arange(len(p))] = r * Pm + torch.arange(len(p))
+        start = len(p)
+        for i in idx:
+            n = len(completions[i])
+            at[c] = r * T
+            at[c, :n] = r * T + start + torch.arange(n)
+            src[r * T + start + torch.arange(n)] = R * Pm + c * Lm + torch.arange(n)
+            row[c], lens[c] = r, n
+            start += n
+            c += 1
+    k = torch.arange(Pm)
+    pmask = ((k[None, :] <= k[:, None])[None] & (k[None, None, :] < P[:, None, None])) | torch.eye(Pm, dtype=torch.bool)
+    j = torch.arange(Lm)
+    own = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lens[:, None, None])            # (C, Lm, Lm)
+    own = own | (torch.eye(Lm, dtype=torch.bool)[None] & (j[None, :, None] >= lens[:, None, None]))
+    prompt = (k[None, None, :] < P[row][:, None, None]) & (j[None, :, None] < lens[:, None, None])  # (C, Lm, Pm)
+    return GroupLayout(pm=Pm, at=at, row=row, src=src, pmask=pmask[:, None],
+                       cmask=torch.cat([prompt, own], dim=-1)[:, None])

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -170,15 +172,52 @@ under bf16 autocast would differentiate it (bf16's backward is the slow one), pl
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    groups = getattr(attention_mask, "slimtune_groups", None)
+    attend = sdpa_attention_forward if groups is None else partial(_grouped, groups)
     if (query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
         with torch.autocast("cpu", enabled=False):
-            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                                  **kwargs)
+            out, weights = attend(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
         return out.to(torch.bfloat16), weights
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def with_groups(mask: torch.Tensor, groups: dict) -> torch.Tensor:
+    """`mask` (batching.pack_shared_prefix's) carrying its group layout, so that `ATTENTION` computes
+    `grouped_attention` instead of attending over the whole masked (T, T); transformers hands a
+    prepared 4-D mask to the attention function as it is (any other attention ignores the layout)."""
+    mask.slimtune_groups = groups.to(mask.device)
+    return mask
+
+
+def _grouped(groups, module, query, key, value, attention_mask, scaling=None, **kwargs):
+    return grouped_attention(query, key, value, groups, scaling), None
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: dict, scale: float | None = None
+                      ) -> torch.Tensor:
+    """Attention over pack_shared_prefix rows [prompt, c_1, ..., c_G] as its mask defines it (each
+    completion sees the prompt and itself), without the masked sibling blocks: the prompts (R, Pm)
+    causal, then each completion's (Lm,) queries against [its prompt's keys, its own keys].
+    q (R, H, T, D), k / v (R, KV, T, D); groups: `batching._group_layout`. Returns (R, T, H, D), the
+    layout transformers' attention functions return. Work: R Pm^2 + C Lm (Pm + Lm) against R T^2."""
+    R, H, T, D = q.shape
+    Pm, at = groups["pm"], groups["at"]
+    gqa = H != k.shape[1]
+    op = F.scaled_dot_product_attention(q[:, :, :Pm], k[:, :, :Pm], v[:, :, :Pm], attn_mask=groups["pmask"],
+                                        scale=scale, enable_gqa=gqa)                  # (R, H, Pm, D)
+
+    def gather(x):  # (R, h, T, D) -> (C, h, Lm, D): each completion's tokens
+        return x.transpose(1, 2).flatten(0, 1)[at].transpose(1, 2)
+
+    kc = torch.cat([k[:, :, :Pm][groups["row"]], gather(k)], dim=2)                  # (C, KV, Pm + Lm, D)
+    vc = torch.cat([v[:, :, :Pm][groups["row"]], gather(v)], dim=2)
+    oc = F.scaled_dot_product_attention(gather(q), kc, vc, attn_mask=groups["cmask"], scale=scale,
+                                        enable_gqa=gqa)                               # (C, H, Lm, D)
+    flat = torch.cat([op.transpose(1, 2).flatten(0, 1), oc.transpose(1, 2).flatten(0, 1)])  # (R Pm + C Lm, H, D)
+    return flat[groups["src"]].view(R, T, H, D)
 
 
 def use_fp32_attention(model, mode: str, device: str, log=None) -> bool:
@@ -186,7 +225,16 @@ def use_fp32_attention(model, mode: str, device: str, log=None) -> bool:
     Returns whether it did (models without transformers' attention interface keep theirs)."""
     if mode != "bf16" or str(device).split(":")[0] != "cpu":
         return False
+    return use_attention(model, log)
+
+
+def use_attention(model, log=None) -> bool:
+    """Switch a model that uses transformers' SDPA to `ATTENTION` (the same SDPA, with the fp32
+    backward of `use_fp32_attention` and `grouped_attention` for a mask that carries its groups).
+    Returns whether the model computes with it now."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) == ATTENTION:
+        return True
     if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(ATTENTION, _sdpa)
@@ -195,6 +243,6 @@ def use_fp32_attention(model, mode: str, device: str, log=None) -> bool:
         base.set_attn_implementation(ATTENTION)
     except Exception as e:  # an architecture that cannot switch: autocast's bf16 attention, correct, slower
         if log:
-            log(f"note: attention stays bf16 SDPA ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            log(f"note: attention stays transformers' SDPA ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
         return False
     return True

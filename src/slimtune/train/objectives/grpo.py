@@ -43,7 +43,14 @@ from ...losses import grpo as G
 from ...losses.preference import token_logps
 from ...rewards import BUILTINS, compute_rewards, load_function, parse_specs
 from ...utils import eval_mode
-from ..forward import base_hidden, chunk_with_reference, hidden_states, output_layer, reference_head
+from ..forward import (
+    base_hidden,
+    chunk_with_reference,
+    hidden_states,
+    output_layer,
+    reference_head,
+)
+from ..precision import use_attention, with_groups
 from .base import Objective, StepOut, append_samples, process_place, sample_seed
 from .paired import collate_sequences
 
@@ -66,6 +73,8 @@ def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False
     once) or collate_sequences' rows (labels, one row per completion)."""
     if "pred_at" in batch:
         inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+        if "groups" in batch and inputs["attention_mask"].dtype == torch.bool:  # ATTENTION skips the masked blocks
+            inputs["attention_mask"] = with_groups(inputs["attention_mask"], batch["groups"])
         tokens, lengths = batch["target_ids"], batch["lengths"]
 
         def pick(hidden):                                    # (R, T, H) -> (N, H), N = completion tokens
@@ -189,6 +198,8 @@ class GRPO(Objective):
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
         """B prompt rows -> B*G completion rows (see the module docstring), G adjacent per prompt."""
         gc = self.cfg.grpo
+        if attention_kind(model) == "sdpa":  # packed groups attend without their masked blocks (grouped_attention)
+            use_attention(_unwrapped(model))
         self.attention = attention_kind(model)
         k = self._calls[1] + 1 if self._calls[0] == step else 0
         self._calls = (step, k)
