@@ -16,11 +16,12 @@ output classes. `LeanDecoder.step` computes what
   plain one for a layer's projections and 0.35x for the 49k-row head (BENCHMARKS.md). Packed
   weights are bitwise the plain bf16 matmul's results. A packed decoder also runs the prefill
   (`step` with T > 1: causal and padding masks), so generation needs no other bf16 copy, and
-  trims operators (`_packed`): RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate
-  SiLU and the up-projection's product as oneDNN post-ops, and for one new token q and k rotated by
-  one (B, D, D) matmul, attention with each key/value head's query heads as its queries, the padding
-  mask made additive once per step. Generation runs in inference mode (`generate._decode`).
-  Batch 1: 37 -> 31 ms a step, batch 24: 52 -> 47 ms (BENCHMARKS.md).
+  trims operators (`_fast`, which is also the one-token step of an unpacked decoder, fp32 included):
+  RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate SiLU and the up-projection's
+  product as oneDNN post-ops, and for one new token q and k rotated by one (B, D, D) matmul, attention
+  with each key/value head's query heads as its queries, the padding mask made additive once per
+  step. Generation runs in inference mode (`generate._decode`). bf16 packed, batch 1: 37 -> 31 ms a
+  step, batch 24: 52 -> 47 ms (BENCHMARKS.md).
   (Fusing q/k/v in fp32 gave no measurable gain at batch 1, so fp32 keeps transformers' layout.)
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
@@ -152,25 +153,29 @@ def _normed(h: torch.Tensor, norm: tuple[torch.Tensor, float], dtype: torch.dtyp
 
 
 class _Layer:
-    """One decoder layer: its projections in the step's dtype and its own norm modules (plain: no
-    copy where the weights already are in the dtype); packed: q/k/v one matmul, gate with SiLU and
-    up with the multiply as oneDNN post-ops."""
+    """One decoder layer: its projections in the step's dtype and its own norms (plain: no copy
+    where the weights already are in the dtype); packed: q/k/v one matmul, gate with SiLU and up
+    with the multiply as oneDNN post-ops. `joined(x)`: q, k, v as one (B, T, (nq + 2 nkv) D) tensor;
+    `mlp(x)`: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, layer, dtype, pack):
         a, m = layer.self_attn, layer.mlp
         self.attn, self.scaling = a, a.scaling
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.rms1, self.rms2 = _rms(self.norm1), _rms(self.norm2)
         self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack), _Proj([_plain(m.down_proj)], dtype, pack)
         if pack:
-            self.rms1, self.rms2 = _rms(self.norm1), _rms(self.norm2)
-            self.qkv = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
+            self.joined = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
             self.gate = _Proj([_plain(m.gate_proj)], dtype, pack, post="swish")
             self.up = _Proj([_plain(m.up_proj)], dtype, pack)
+            self.mlp = lambda x: self.d(self.up.times(x, self.gate(x)))
         else:
             q, k, v = (_Proj([_plain(x)], dtype, pack) for x in (a.q_proj, a.k_proj, a.v_proj))
             g, u = _Proj([_plain(m.gate_proj)], dtype, pack), _Proj([_plain(m.up_proj)], dtype, pack)
             self.qkv = lambda x: (q(x), k(x), v(x))
             self.gu = lambda x: (g(x), u(x))
+            self.joined = lambda x: torch.cat(self.qkv(x), dim=-1)
+            self.mlp = lambda x: self.d(F.silu(g(x)) * u(x))
 
 
 def _half_turn(D: int) -> torch.Tensor:
@@ -191,11 +196,12 @@ class LeanDecoder:
         self.dtype, self.pack, self.attention, self.rope = dtype, pack, sdpa_attention_forward, _rope_of(net)
         self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, body.norm
         self.head = _Proj([_plain(net.lm_head)], dtype, pack)
-        self.rms = _rms(body.norm) if pack else None
+        self.rms = _rms(body.norm)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, dtype, pack) for layer in body.layers[:cfg.num_hidden_layers]]
-        self.turn = _half_turn(self.head_dim) if pack else None
+        self.turn = _half_turn(self.head_dim)
+        self.fast = rms_norms(net)  # the norms are ones `_normed` computes: the short path (`_fast`) applies
 
     @classmethod
     def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False) -> LeanDecoder | None:
@@ -250,8 +256,8 @@ class LeanDecoder:
         """tokens, positions (B, T); mask (B, L): 1 for every position attended, these T tokens'
         included (the last T); cache: generate._Cache, its layers' buffers filled to L - T. T > 1
         (a prefill) attends causally among the T. Returns the last position's (B, V) float32 logits."""
-        if self.pack:
-            return self._packed(tokens, positions, mask, cache)
+        if self.pack or (self.fast and tokens.shape[1] == 1):
+            return self._fast(tokens, positions, mask, cache)
         B, T = tokens.shape
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
         cos, sin = self.rotary(h, positions)                             # (B, T, D), fp32
@@ -273,11 +279,12 @@ class LeanDecoder:
         x = self.final_norm(h[:, -1]).to(self.dtype)
         return self.head(x).float()
 
-    def _packed(self, tokens, positions, mask, cache) -> torch.Tensor:
-        """`step` with packed weights (`_Layer`). One new token per row
-        (T = 1) takes the short way: rotary as one (B, D, D) rotation shared by all layers (cos and
-        sin on the diagonal and the half-turn), attention with each key/value head's query heads as
-        its G queries (no key/value repeat), bf16 matmul outputs added to the fp32 residual directly."""
+    def _fast(self, tokens, positions, mask, cache) -> torch.Tensor:
+        """`step` for a packed decoder (any T; `_Layer`) and for one new token per row in any dtype:
+        RMSNorm in five operators (`_normed`), and for one new token (T = 1) the short way: rotary as
+        one (B, D, D) rotation shared by all layers (cos and sin on the diagonal and the half-turn),
+        attention with each key/value head's query heads as its G queries (no key/value repeat),
+        matmul outputs added to the fp32 residual directly."""
         B, T = tokens.shape
         D, nq, nkv, dt = self.head_dim, self.heads, self.kv_heads, self.dtype
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
@@ -289,7 +296,7 @@ class LeanDecoder:
             bias = torch.zeros(attend.shape, dtype=dt, device=h.device).masked_fill_(~attend, float("-inf"))
         nqk = (nq + nkv) * D
         for i, lay in enumerate(self.layers):
-            y = lay.qkv(_normed(h, lay.rms1, dt))                        # (B, T, (nq + 2 nkv) D)
+            y = lay.joined(_normed(h, lay.rms1, dt))                     # (B, T, (nq + 2 nkv) D)
             if one:
                 qk = torch.bmm(y[:, 0, :nqk].view(B, nq + nkv, D).float(), turn).to(dt)   # (B, nq + nkv, D)
                 q, k = qk[:, :nq].view(B, nkv, nq // nkv, D), qk[:, nq:, None]          # grouped; (B, nkv, 1, D)
@@ -302,8 +309,7 @@ class LeanDecoder:
                 out, _ = self.attention(lay.attn, qk[:, :nq], keys, values, attend, scaling=lay.scaling,
                                         is_causal=False)
             h = h + lay.o(out.reshape(B, T, nq * D))                     # fp32 + bf16 -> fp32
-            x = _normed(h, lay.rms2, dt)
-            h = h + lay.d(lay.up.times(x, lay.gate(x)))                  # down(up(x) * silu(gate(x)))
+            h = h + lay.mlp(_normed(h, lay.rms2, dt))
         return self.head(_normed(h[:, -1], self.rms, dt)).float()
 
 
