@@ -192,3 +192,26 @@ def test_half_turn_rotation_is_the_models_rotary(tok):
     ref = _rope_of(model)(x[:, :, None], x[:, :, None], cos, sin)[0][:, :, 0]  # (B, heads, D)
     torch.testing.assert_close(torch.bmm(x, turn), ref, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(ref[1:], x[1:], atol=1e-3)                       # positions > 0 do rotate
+
+
+def test_no_packed_copy_without_the_memory_for_it(tok, monkeypatch):
+    """bf16 generation packs a bf16 copy of the weights only where it fits in half the available
+    memory; otherwise it decodes with the weights cast once (unpacked), answers all the same."""
+    import slimtune.machine as M
+    from slimtune.lean_decode import room_to_pack
+
+    model = models(tok)["llama"]
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(M, "available_memory", lambda: 4 * n - 1)
+    assert not room_to_pack(model)
+    monkeypatch.setattr(M, "available_memory", lambda: 4 * n)
+    assert room_to_pack(model)
+    monkeypatch.setattr(M, "available_memory", lambda: None)        # unknown (not Linux): assume it fits
+    assert room_to_pack(model)
+    monkeypatch.setattr(M, "available_memory", lambda: 1024)
+    calls = []
+    real = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, *a: calls.append(self.pack) or real(self, *a))
+    out = generate_many(model, tok, CHATS[:3], GenSettings(max_new_tokens=6, autocast="bf16"), batch_size=3,
+                        return_ids=True)
+    assert calls and not any(calls) and all(len(o["ids"]) for o in out)

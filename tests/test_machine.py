@@ -49,3 +49,17 @@ def test_config_fields():
     assert (cfg.train.device, cfg.train.report_to, cfg.train.mixed_precision) == ("cpu", ["tensorboard"], "bf16")
     with pytest.raises(ConfigError, match="report_to"):
         build_config({}, ["train.report_to=[neptune]"])
+
+
+def test_available_memory_reads_meminfo(monkeypatch, tmp_path):
+    import builtins
+
+    from slimtune.machine import available_memory
+
+    fake = tmp_path / "meminfo"
+    fake.write_text("MemTotal:       24683664 kB\nMemFree:        16151336 kB\nMemAvailable:   23961152 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/meminfo" else f, *a, **k))
+    assert available_memory() == 23961152 * 1024
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert available_memory() is None

@@ -95,6 +95,16 @@ def can_pack(device: torch.device | str) -> bool:
     return _PACKS[kind]
 
 
+def room_to_pack(net, share: float = 0.5) -> bool:
+    """A packed bf16 copy of `net`'s weights (2 bytes a parameter) fits in `share` of the memory
+    still available: a model stored in bf16 would otherwise hold its weights twice while it
+    generates (an 8B model: 16 GB more). Unknown free memory (not Linux): assume it fits."""
+    from .machine import available_memory
+
+    free = available_memory()
+    return free is None or 2 * sum(p.numel() for p in net.parameters()) <= share * free
+
+
 class _Proj:
     """One or more projections of the same input as one matmul: `proj(x)` -> their outputs (a
     tuple when several; split=False: the one concatenated output). Packed (oneDNN's bf16 blocked

@@ -52,6 +52,18 @@ def prepare_mps() -> None:
               "(PYTORCH_ENABLE_MPS_FALLBACK=1); they are slower there", file=sys.stderr)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def bf16_supported(device: str) -> bool:
     """Native bf16 on the device: CUDA (Ampere+), MPS (macOS 14+), CPU with AVX512-BF16 / AMX.
 
