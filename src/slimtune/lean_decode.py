@@ -7,8 +7,8 @@ output classes. `LeanDecoder.step` computes what
 `model(input_ids=(B, 1), attention_mask, position_ids, past_key_values=cache)` computes with
 
 - the rotary angles (the model's own `rotary_emb`) and the padding mask built once per step,
-- attention through transformers' own SDPA function, writing into generate.py's preallocated KV
-  buffers directly,
+- attention writing into generate.py's preallocated KV buffers directly (PyTorch's SDPA for one
+  token, transformers' SDPA function for a prefill),
 - under bf16 generation no autocast: each weight is cast to bf16 once per generation and, on a CPU
   with oneDNN, packed in its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
   torch.compile's CPU freezing does) with q/k/v and gate/up each one matmul. A plain bf16 `F.linear`
@@ -16,7 +16,7 @@ output classes. `LeanDecoder.step` computes what
   plain one for a layer's projections and 0.35x for the 49k-row head (BENCHMARKS.md). Packed
   weights are bitwise the plain bf16 matmul's results. A packed decoder also runs the prefill
   (`step` with T > 1: causal and padding masks), so generation needs no other bf16 copy, and
-  trims operators (`_fast`, which is also the one-token step of an unpacked decoder, fp32 included):
+  trims operators (`step`, packed or not, fp32 included):
   RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate SiLU and the up-projection's
   product as oneDNN post-ops, and for one new token q and k rotated by one (B, D, D) matmul, attention
   with each key/value head's query heads as its queries, the padding mask made additive once per
@@ -26,8 +26,9 @@ output classes. `LeanDecoder.step` computes what
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
 Llama / Mistral / Qwen2, a sliding window in use, a non-SiLU MLP, adapter layers that are not
-merged, prompt or prefix tuning. Those decode through transformers' forward, as before. Prefill
-always goes through transformers' forward (it fills the KV buffers the lean step continues).
+merged, prompt or prefix tuning, a norm other than an RMSNorm. Those decode through transformers'
+forward, as before. An unpacked decoder's prefill goes through transformers' forward in generation
+(it fills the KV buffers the lean step continues); `step` computes it too.
 dtype bfloat16: matmuls in bf16, the residual stream, norms and rotary in fp32 (what autocast
 does, without its per-call casts); not bitwise autocast's rounding, so bf16 answers can
 differ from autocast's as two bf16 runs may. fp32: the same logits as transformers' forward to
@@ -149,7 +150,7 @@ def _rms(module):
 
 
 def rms_norms(net) -> bool:
-    """Every norm of `net` is an RMSNorm the packed decoder computes itself (`_normed`)."""
+    """Every norm of `net` is an RMSNorm the decoder computes itself (`_normed`)."""
     body = net.model
     return _rms(body.norm) is not None and all(
         _rms(x.input_layernorm) is not None and _rms(x.post_attention_layernorm) is not None for x in body.layers)
@@ -172,8 +173,7 @@ class _Layer:
     def __init__(self, layer, dtype, pack):
         a, m = layer.self_attn, layer.mlp
         self.attn, self.scaling, self.pack = a, a.scaling, pack
-        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.rms1, self.rms2 = _rms(self.norm1), _rms(self.norm2)
+        self.rms1, self.rms2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
         self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack), _Proj([_plain(m.down_proj)], dtype, pack)
         if pack:
             self.q = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
@@ -183,14 +183,8 @@ class _Layer:
             self.gate = _Proj([_plain(m.gate_proj)], dtype, pack)
         self.up = _Proj([_plain(m.up_proj)], dtype, pack)
 
-    def qkv(self, x):
-        return self.q(x), self.k(x), self.v(x)
-
     def joined(self, x):
-        return self.q(x) if self.pack else torch.cat(self.qkv(x), dim=-1)
-
-    def gu(self, x):
-        return self.gate(x), self.up(x)
+        return self.q(x) if self.pack else torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
     def mlp(self, x):
         if self.pack:
@@ -214,23 +208,21 @@ class LeanDecoder:
 
         cfg, body = net.config, net.model
         self.dtype, self.pack, self.attention, self.rope = dtype, pack, sdpa_attention_forward, _rope_of(net)
-        self.embed, self.rotary, self.final_norm = body.embed_tokens, body.rotary_emb, body.norm
+        self.embed, self.rotary = body.embed_tokens, body.rotary_emb
         self.head = _Proj([_plain(net.lm_head)], dtype, pack)
         self.rms = _rms(body.norm)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, dtype, pack) for layer in body.layers[:cfg.num_hidden_layers]]
         self.turn = _half_turn(self.head_dim)
-        self.fast = rms_norms(net)  # the norms are ones `_normed` computes: the short path (`_fast`) applies
 
     @classmethod
     def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False) -> LeanDecoder | None:
         """A decoder for `net` (a transformers CausalLM, adapters merged or none), or None. pack
-        (bf16 only, where `can_pack` and every norm is an RMSNorm): the weights in oneDNN's packed layout (see
-        `_Layer`)."""
+        (bf16 only, where `can_pack`): the weights in oneDNN's packed layout (see `_Layer`)."""
         if not cls.covers(net, adapters=False):
             return None
-        pack = pack and dtype == torch.bfloat16 and rms_norms(net) and can_pack(next(net.parameters()).device)
+        pack = pack and dtype == torch.bfloat16 and can_pack(next(net.parameters()).device)
         return cls(net, dtype, pack)
 
     @staticmethod
@@ -251,7 +243,7 @@ class LeanDecoder:
             return False
         if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "attn_logit_softcapping")):
             return False
-        if not all(hasattr(body, n) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        if not all(hasattr(body, n) for n in ("embed_tokens", "rotary_emb", "layers", "norm")) or not rms_norms(net):
             return False
 
         def ok(x):
@@ -276,35 +268,10 @@ class LeanDecoder:
         """tokens, positions (B, T); mask (B, L): 1 for every position attended, these T tokens'
         included (the last T); cache: generate._Cache, its layers' buffers filled to L - T. T > 1
         (a prefill) attends causally among the T. Returns the last position's (B, V) float32 logits."""
-        if self.pack or (self.fast and tokens.shape[1] == 1):
-            return self._fast(tokens, positions, mask, cache)
-        B, T = tokens.shape
-        h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
-        cos, sin = self.rotary(h, positions)                             # (B, T, D), fp32
-        attend = _attend(mask, T)
-        D, nq, nkv = self.head_dim, self.heads, self.kv_heads
-        for i, lay in enumerate(self.layers):
-            x = lay.norm1(h).to(self.dtype)  # the norms on the fp32 residual
-            q, k, v = lay.qkv(x)
-            # the model's own rotary, in fp32 as transformers computes it under autocast, then the attention dtype
-            q, k = self.rope(q.reshape(B, T, nq, D).transpose(1, 2).float(),
-                             k.reshape(B, T, nkv, D).transpose(1, 2).float(), cos, sin)  # (B, nq / nkv, T, D)
-            q, k = q.to(self.dtype), k.to(self.dtype)
-            keys, values = cache.update(k, v.reshape(B, T, nkv, D).transpose(1, 2), i)
-            out, _ = self.attention(lay.attn, q, keys, values, attend, scaling=lay.scaling, is_causal=False)
-            h = h + lay.o(out.reshape(B, T, nq * D)).float()
-            x = lay.norm2(h).to(self.dtype)
-            g, u = lay.gu(x)
-            h = h + lay.d(F.silu(g) * u).float()
-        x = self.final_norm(h[:, -1]).to(self.dtype)
-        return self.head(x).float()
-
-    def _fast(self, tokens, positions, mask, cache) -> torch.Tensor:
-        """`step` for a packed decoder (any T; `_Layer`) and for one new token per row in any dtype:
-        RMSNorm in five operators (`_normed`), and for one new token (T = 1) the short way: rotary as
-        one (B, D, D) rotation shared by all layers (cos and sin on the diagonal and the half-turn),
-        attention with each key/value head's query heads as its G queries (no key/value repeat),
-        matmul outputs added to the fp32 residual directly."""
+        # RMSNorm in five operators (`_normed`); for one new token (T = 1) the short way: rotary as
+        # one (B, D, D) rotation shared by all layers (cos and sin on the diagonal and the half-turn),
+        # attention with each key/value head's query heads as its G queries (no key/value repeat);
+        # matmul outputs added to the fp32 residual directly
         B, T = tokens.shape
         D, nq, nkv, dt = self.head_dim, self.heads, self.kv_heads, self.dtype
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
