@@ -298,3 +298,19 @@ def test_split_keeps_groups_whole_within_the_token_budget(data, tok):
     assert b["input_ids"].shape[0] == 12 and "labels" in b
     cut = obj.split(rows, 15)  # every group over the budget: runs of its completions, each with the prompt
     assert len([p for p in cut if p[0]["prompt_ids"][0] == 0]) >= 2
+
+
+def test_eager_attention_gets_an_additive_mask_and_the_same_loss(data, tok):
+    """An eager-attention model gets the packed rows with an additive mask over the whole row (no
+    group layout: only the registered SDPA computes grouped) and the loss the SDPA model gets."""
+    obj, rows = objective(data, tok, "loss.chunk_size=5")
+    model = lora_model(tok).double()
+    step_rows = obj.begin_step(model, rows[:2], step=0)
+    assert obj.attention == "slimtune_sdpa"
+    grouped = obj.collate(step_rows, tok.pad_token_id)
+    want = obj(model, grouped, obj.units(step_rows), 0).loss
+    model.get_base_model().set_attn_implementation("eager")
+    obj.attention = "eager"
+    batch = obj.collate(step_rows, tok.pad_token_id)
+    assert "groups" not in batch and batch["attention_mask"].is_floating_point()
+    assert float(obj(model, batch, obj.units(step_rows), 0).loss) == pytest.approx(float(want), rel=1e-9)

@@ -73,7 +73,7 @@ def completion_scores(model, batch: dict, ref_model=None, want_ref: bool = False
     once) or collate_sequences' rows (labels, one row per completion)."""
     if "pred_at" in batch:
         inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
-        if "groups" in batch and inputs["attention_mask"].dtype == torch.bool:  # ATTENTION skips the masked blocks
+        if "groups" in batch:  # ATTENTION skips the masked blocks
             inputs["attention_mask"] = with_groups(inputs["attention_mask"], batch["groups"])
         tokens, lengths = batch["target_ids"], batch["lengths"]
 
@@ -198,8 +198,7 @@ class GRPO(Objective):
     def begin_step(self, model, rows: list[dict], step: int, ref_model=None) -> list[dict]:
         """B prompt rows -> B*G completion rows (see the module docstring), G adjacent per prompt."""
         gc = self.cfg.grpo
-        if attention_kind(model) == "sdpa":  # packed groups attend without their masked blocks (grouped_attention)
-            use_attention(_unwrapped(model))
+        use_attention(_unwrapped(model))  # an SDPA model: packed groups attend without their masked blocks
         self.attention = attention_kind(model)
         k = self._calls[1] + 1 if self._calls[0] == step else 0
         self._calls = (step, k)
@@ -331,9 +330,10 @@ class GRPO(Objective):
         prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
         if self.attention in PACKABLE:
             batch = pack_shared_prefix(prompts, completions, pad_id)
-            if self.attention == "eager":  # eager attention adds its mask to the scores
+            if self.attention == "eager":  # eager attention adds its mask to the scores, over the whole row
                 batch["attention_mask"] = torch.zeros(batch["attention_mask"].shape).masked_fill(
                     ~batch["attention_mask"], torch.finfo(torch.float32).min)
+                del batch["groups"]
         else:
             batch = collate_sequences(prompts, completions, pad_id)
         Tc = max(len(r["completion_ids"]) for r in rows)
