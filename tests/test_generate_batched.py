@@ -221,3 +221,60 @@ def test_draw_follows_the_distribution_and_each_rows_generator():
     state = g.get_state()
     draw(scores, [torch.Generator().manual_seed(4), g], rows=[0])
     assert torch.equal(g.get_state(), state)
+
+
+SYSTEM = "You are a careful assistant. Answer briefly, in plain words, and say when you do not know."
+
+
+@pytest.mark.parametrize("path", ["lean", "forward", "packed_bf16"])
+def test_a_shared_prompt_start_is_prefilled_once_with_the_same_answers(monkeypatch, path):
+    """Prompts with a common start (the system turn) prefill it once and copy its keys / values to
+    each row: the same greedy ids as the whole-prompt prefill and as each prompt alone, for the
+    lean step, transformers' forward and the packed bf16 decoder; with equal prompts (GRPO's G
+    samples) and a prompt no longer than the common start + 1 token among them."""
+    import slimtune.generate as G
+    from slimtune.lean_decode import can_pack
+
+    if path == "packed_bf16" and not can_pack("cpu"):
+        pytest.skip("no packed bf16 matmul on this CPU")
+    tok = make_tokenizer("chatml")
+    model = ending_model(tok)
+    chats = [[{"role": "system", "content": SYSTEM}, *c] for c in CHATS] + [[{"role": "system", "content": SYSTEM},
+                                                                           {"role": "user", "content": "x"}]]
+    chats += chats[:2]                                                    # equal prompts: prefilled once, then copied
+    prompts = [render_prompt(c, tok) for c in chats]
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert common >= G.SHARED_MIN
+    monkeypatch.setattr(G, "LEAN", path != "forward")
+    s = GenSettings(max_new_tokens=12, autocast="bf16" if path == "packed_bf16" else "no")
+    cuts = []
+    real = G._prefill_prefix
+    monkeypatch.setattr(G, "_prefill_prefix", lambda *a: cuts.append(a[4]) or real(*a))
+    shared = [a["ids"] for a in generate_many(model, tok, chats, s, batch_size=16, return_ids=True)]
+    assert cuts == [min(common, min(map(len, prompts)) - 1)]
+    monkeypatch.setattr(G, "SHARED_MIN", 10**9)
+    whole = [a["ids"] for a in generate_many(model, tok, chats, s, batch_size=16, return_ids=True)]
+    assert len(cuts) == 1 and shared == whole
+    assert len({len(x) for x in shared}) >= 3                              # rows end at different steps
+    if path != "packed_bf16":
+        assert shared == [generate_many(model, tok, [c], s, return_ids=True)[0]["ids"] for c in chats]
+
+
+def test_shared_prefix_length():
+    from slimtune.generate import _left_pad, _shared_prefix
+
+    def P(prompts, minimum=3):
+        import slimtune.generate as G
+        old, G.SHARED_MIN = G.SHARED_MIN, minimum
+        try:
+            ids, mask = _left_pad(prompts, 0, "cpu")
+            return _shared_prefix({"input_ids": ids}, mask)
+        finally:
+            G.SHARED_MIN = old
+
+    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 8, 2, 2]]) == 3
+    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 8]]) == 3                    # the shorter keeps its last token
+    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 8]], minimum=4) == 0         # below the minimum
+    assert P([[5, 6, 7, 8, 9]]) == 0                                  # one row: nothing to share
+    assert P([[1, 6, 7, 8, 9], [5, 6, 7, 8, 9]]) == 0                 # differ at the first token
+    assert P([[0, 6, 7, 8], [0, 6, 7, 9, 9, 9]]) == 3                 # a pad-valued first token is still a token

@@ -46,7 +46,7 @@ def both_steps(model, tok, dtype=torch.float32):
         with amp:
             ref = model(input_ids=tokens, attention_mask=full, position_ids=next_pos, past_key_values=caches[0],
                         use_cache=True).logits[:, -1].float()
-        lean = dec.step(tokens, next_pos, full, caches[1])
+        lean = dec.step(tokens, next_pos, full, caches[1]).float()
         out.append((ref, lean))
         tokens, next_pos = ref.argmax(-1, keepdim=True), next_pos + 1
     return out
@@ -119,7 +119,7 @@ def test_lean_prefill_equals_the_models_forward(tok):
     ref_cache, lean_cache = _Cache(ids.shape[1] + 1), _Cache(ids.shape[1] + 1)
     ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache,
                 use_cache=True).logits[:, -1]
-    got = LeanDecoder.build(model).step(ids, pos, mask, lean_cache)
+    got = LeanDecoder.build(model).step(ids, pos, mask, lean_cache).float()
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
     real = mask.bool()
     for a, b in zip(ref_cache.layers, lean_cache.layers):  # real positions only: padding rows are never read
@@ -142,7 +142,7 @@ def test_packed_bf16_decoder_equals_the_plain_bf16_one(tok, name, monkeypatch):
     caches = [_Cache(ids.shape[1] + 3), _Cache(ids.shape[1] + 3)]
     tokens, full = ids, mask
     for _ in range(4):
-        a, b = plain.step(tokens, pos, full, caches[0]), packed.step(tokens, pos, full, caches[1])
+        a, b = plain.step(tokens, pos, full, caches[0]).float(), packed.step(tokens, pos, full, caches[1]).float()
         assert (a - b).abs().max() <= 0.02 * a.abs().max()
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         tokens, pos = a.argmax(-1, keepdim=True), pos[:, -1:] + 1
@@ -233,3 +233,44 @@ def test_a_dropped_decoder_frees_its_weights_without_the_garbage_collector(tok, 
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(not __import__("slimtune.lean_decode", fromlist=["can_pack"]).can_pack("cpu"),
+                    reason="no packed bf16 matmul (oneDNN bf16) on this CPU")
+def test_kept_decoder_is_built_once_and_rebuilt_when_the_weights_change(tok, monkeypatch):
+    """Inside `keep_decoders` the packed decoder is built once for calls and batches alike, with the
+    answers of a fresh build; a weight changed in place, or an adapter merged or switched off,
+    makes a new one (its answers those of the changed model); outside, nothing is kept."""
+    from slimtune.generate import keep_decoders
+
+    model = models(tok)["llama"]
+    builds = []
+    real = LeanDecoder.__init__
+    monkeypatch.setattr(LeanDecoder, "__init__", lambda self, *a, **k: builds.append(True) or real(self, *a, **k))
+    s = GenSettings(max_new_tokens=6, autocast="bf16")
+    fresh = generate_many(model, tok, CHATS, s, batch_size=3, return_ids=True)   # 3 batches, one build
+    assert builds == [True] and G._KEPT is None
+    with keep_decoders():
+        kept = [generate_many(model, tok, CHATS, s, batch_size=3, return_ids=True) for _ in range(2)]
+        assert builds == [True, True]                                             # the second call reused it
+        assert all([a["ids"] for a in k] == [a["ids"] for a in fresh] for k in kept)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)                                       # in place: version moves
+        flipped = generate_many(model, tok, CHATS, s, batch_size=3, return_ids=True)
+        assert len(builds) == 3
+    assert G._KEPT is None
+    assert [a["ids"] for a in flipped] == [a["ids"] for a in generate_many(model, tok, CHATS, s, batch_size=3,
+                                                                           return_ids=True)]
+    assert [a["ids"] for a in flipped] != [a["ids"] for a in fresh]
+    lora = peft.get_peft_model(models(tok)["llama"], peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    builds.clear()
+    with keep_decoders():
+        with merged(lora):
+            tuned = generate_many(lora, tok, CHATS[:3], s, return_ids=True)
+        with lora.disable_adapter():
+            base = generate_many(lora, tok, CHATS[:3], s, return_ids=True)
+        assert len(builds) == 2                                                   # merged, then switched off
+    with lora.disable_adapter():
+        assert [a["ids"] for a in base] == [a["ids"] for a in generate_many(lora, tok, CHATS[:3], s, return_ids=True)]
+    assert [a["ids"] for a in base] != [a["ids"] for a in tuned]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .data.formats import with_system
-from .generate import generate
+from .generate import generate, keep_decoders
 
 Messages = list[dict[str, str]]
 
@@ -17,7 +17,11 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
     Commands: /reset (forget the conversation, keep the system prompt), /exit (or Ctrl-D).
     knobs: top_p, top_k, repetition_penalty, no_repeat_ngram_size for `generate`.
     """
-    start = with_system([], system)
+    with keep_decoders():  # the weights stay fixed while chatting: one decoder build, not one per turn
+        return _turns(model, tokenizer, with_system([], system), max_new_tokens, temperature, seed, read, out, knobs)
+
+
+def _turns(model, tokenizer, start: Messages, max_new_tokens, temperature, seed, read, out, knobs) -> Messages:
     messages = list(start)
     print("chat: /reset starts over, /exit quits", file=out, flush=True)
     turn = 0

@@ -19,9 +19,9 @@ output classes. `LeanDecoder.step` computes what
   trims operators (`step`, packed or not, fp32 included):
   RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate SiLU and the up-projection's
   product as oneDNN post-ops, and for one new token q and k rotated by one (B, D, D) matmul, attention
-  with each key/value head's query heads as its queries, the padding mask made additive once per
-  step. Generation runs in inference mode (`generate._decode`). bf16 packed, batch 1: 37 -> 31 ms a
-  step, batch 24: 52 -> 47 ms (BENCHMARKS.md).
+  through SDPA's grouped-query path, the padding mask made additive once per step; logits returned
+  in the step's dtype (no float copy of a (B, 49k) row per step). Generation runs in inference mode
+  (`generate._decode`). bf16 packed, batch 1: 37 -> 26 ms a step, batch 32: ~43 ms (BENCHMARKS.md).
   (Fusing q/k/v in fp32 gave no measurable gain at batch 1, so fp32 keeps transformers' layout.)
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
@@ -201,7 +201,7 @@ def _half_turn(D: int) -> torch.Tensor:
 
 
 class LeanDecoder:
-    """See the module docstring. `step(tokens, positions, mask, cache)` -> (B, V) float32 logits."""
+    """See the module docstring. `step(tokens, positions, mask, cache)` -> (B, V) logits (its dtype)."""
 
     def __init__(self, net, dtype: torch.dtype, pack: bool = False):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -263,15 +263,30 @@ class LeanDecoder:
                 return False
         return ok(getattr(net, "lm_head", None)) and _rope_of(net) is not None
 
+    def _rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads, D) q and k rotated, in the step's dtype, as (B, heads, T, D): x cos +
+        rotate_half(x) sin computed in the (B, T, heads, D) layout (in the transposed one every
+        operator ran on strided memory, a quarter of a batch-32 prefill); the model's own rotary
+        where cos is not D wide."""
+        x, D = x.float(), x.shape[-1]
+        if cos.shape[-1] != D:
+            x = x.transpose(1, 2)
+            return self.rope(x, x[:, :0], cos, sin)[0].to(self.dtype)
+        turned = torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1)
+        return (x * cos[:, :, None]).addcmul_(turned, sin[:, :, None]).to(self.dtype).transpose(1, 2)
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """tokens, positions (B, T); mask (B, L): 1 for every position attended, these T tokens'
         included (the last T); cache: generate._Cache, its layers' buffers filled to L - T. T > 1
-        (a prefill) attends causally among the T. Returns the last position's (B, V) float32 logits."""
+        (a prefill) attends causally among the T. Returns the last position's (B, V) logits in the
+        step's dtype (bf16: the head's own output; a float32 copy of a batch-32 row of 49k logits
+        cost 1.4 ms a step, and the argmax is the same)."""
         # RMSNorm in five operators (`_normed`); for one new token (T = 1) the short way: rotary as
         # one (B, D, D) rotation shared by all layers (cos and sin on the diagonal and the half-turn),
-        # attention with each key/value head's query heads as its G queries (no key/value repeat);
-        # matmul outputs added to the fp32 residual directly
+        # attention through SDPA's grouped-query path (no key/value repeat; 0.8x the time of each
+        # key/value head's query heads passed as its G queries at batch 32); matmul outputs added to
+        # the fp32 residual in place
         B, T = tokens.shape
         D, nq, nkv, dt = self.head_dim, self.heads, self.kv_heads, self.dtype
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
@@ -286,18 +301,18 @@ class LeanDecoder:
             y = lay.joined(_normed(h, lay.rms1, dt))                     # (B, T, (nq + 2 nkv) D)
             if one:
                 qk = torch.bmm(y[:, 0, :nqk].view(B, nq + nkv, D).float(), turn).to(dt)   # (B, nq + nkv, D)
-                q, k = qk[:, :nq].view(B, nkv, nq // nkv, D), qk[:, nq:, None]          # grouped; (B, nkv, 1, D)
+                q, k = qk[:, :nq, None], qk[:, nq:, None]                              # (B, heads, 1, D)
                 keys, values = cache.update(k, y[:, 0, nqk:].view(B, nkv, 1, D), i)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=lay.scaling)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=lay.scaling,
+                                                     enable_gqa=nq != nkv)
             else:
-                qk = y[..., :nqk].reshape(B, T, nq + nkv, D).transpose(1, 2).float()
-                qk = self.rope(qk, qk[:, :0], cos, sin)[0].to(dt)         # (B, nq + nkv, T, D)
+                qk = self._rotated(y[..., :nqk].reshape(B, T, nq + nkv, D), cos, sin)   # (B, nq + nkv, T, D)
                 keys, values = cache.update(qk[:, nq:], y[..., nqk:].reshape(B, T, nkv, D).transpose(1, 2), i)
                 out, _ = self.attention(lay.attn, qk[:, :nq], keys, values, attend, scaling=lay.scaling,
                                         is_causal=False)
-            h = h + lay.o(out.reshape(B, T, nq * D))                     # fp32 + bf16 -> fp32
-            h = h + lay.mlp(_normed(h, lay.rms2, dt))
-        return self.head(_normed(h[:, -1], self.rms, dt)).float()
+            h.add_(lay.o(out.reshape(B, T, nq * D)))                     # fp32 += bf16, no new tensor
+            h.add_(lay.mlp(_normed(h, lay.rms2, dt)))
+        return self.head(_normed(h[:, -1], self.rms, dt))
 
 
 def _attend(mask: torch.Tensor, T: int) -> torch.Tensor:
