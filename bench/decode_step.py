@@ -1,5 +1,5 @@
-"""One lean decoding step, timed: ms per step at each batch size for the packed bf16 decoder and
-the fp32 one, and the same steps with every matmul replaced by a stub returning a stored output
+"""One lean decoding step, timed: ms per step at each batch size for the packed bf16 decoder, the
+fp32 one and the fp32 one with its weights laid out for MKL's packed sgemm at that batch size, and the same steps with every matmul replaced by a stub returning a stored output
 (what everything but the matmuls costs), on the embedded SmolLM2 after a 60-token prefill.
 
     PYTHONPATH=src python bench/decode_step.py --batches 1,24 --steps 50 --rounds 3
@@ -101,21 +101,25 @@ def main() -> None:
     import common
     from generation import cpu_info, versions
 
-    from slimtune.lean_decode import LeanDecoder
+    from slimtune.lean_decode import LeanDecoder, can_mkl_pack
     from slimtune.models import load_model
 
     net = load_model(common.model_path("smollm2")).eval()
     rows = []
-    for dtype, pack in ((torch.bfloat16, True), (torch.float32, False)):
+    for dtype, pack, mkl in ((torch.bfloat16, True, False), (torch.float32, False, False), (torch.float32, False, True)):
         if pack and LeanDecoder.build(net, dtype, pack=True).pack is False:
             continue  # no packed bf16 on this CPU
+        if mkl and not can_mkl_pack("cpu"):
+            continue
         for B in [int(b) for b in args.batches.split(",")]:
             full, bare, mm = [], [], []
+            at = B if mkl else 0                       # fp32 weights laid out for MKL at this batch
             for _ in range(args.rounds):
-                full.append(steps_ms(LeanDecoder.build(net, dtype, pack=pack), B, args.steps))
-                mm.append(matmuls_ms(LeanDecoder.build(net, dtype, pack=pack), net.config, B, args.steps))
+                full.append(steps_ms(LeanDecoder.build(net, dtype, pack=pack, rows=at), B, args.steps))
+                mm.append(matmuls_ms(LeanDecoder.build(net, dtype, pack=pack, rows=at), net.config, B, args.steps))
                 bare.append(steps_ms(stubbed(LeanDecoder.build(net, dtype, pack=pack)), B, args.steps))
-            row = {"dtype": str(dtype).split(".")[-1], "packed": pack, "batch": B,
+            row = {"dtype": str(dtype).split(".")[-1], "packed": "oneDNN" if pack else "MKL" if mkl else False,
+                   "batch": B,
                    "step_ms": round(statistics.median(full), 2), "matmuls_alone_ms": round(statistics.median(mm), 2),
                    "without_matmuls_ms": round(statistics.median(bare), 2)}
             row["matmuls_in_step_ms"] = round(row["step_ms"] - row["without_matmuls_ms"], 2)

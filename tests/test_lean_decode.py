@@ -274,3 +274,48 @@ def test_kept_decoder_is_built_once_and_rebuilt_when_the_weights_change(tok, mon
     with lora.disable_adapter():
         assert [a["ids"] for a in base] == [a["ids"] for a in generate_many(lora, tok, CHATS[:3], s, return_ids=True)]
     assert [a["ids"] for a in base] != [a["ids"] for a in tuned]
+
+
+@pytest.mark.skipif(not __import__("slimtune.lean_decode", fromlist=["can_mkl_pack"]).can_mkl_pack("cpu"),
+                    reason="no MKL packed sgemm in this torch")
+def test_mkl_laid_out_fp32_decoder_gives_the_plain_logits_bit_for_bit(tok, monkeypatch):
+    """fp32 weights laid out for MKL's packed sgemm at the batch size: every step's logits equal the
+    plain fp32 decoder's exactly, also after the batch shrinks (re-laid out) and below MKL_MIN_ROWS
+    (the copy dropped); generate_many uses it for 8+ rows, with the same ids as without."""
+    import slimtune.lean_decode as LD
+
+    model = models(tok)["qwen2_bias"]                       # biases go through the packed call too
+    chats = (CHATS * 2)[:10]
+    prompts = [render_prompt(c, tok) for c in chats]
+    ids, mask = _left_pad(prompts, tok.pad_token_id, "cpu")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    plain, mkl = LeanDecoder.build(model), LeanDecoder.build(model, rows=10)
+    assert mkl.mkl and mkl.rows == 10 and mkl.head.mkl is not None and plain.head.mkl is None
+    caches = [_Cache(ids.shape[1] + 6), _Cache(ids.shape[1] + 6)]
+    with torch.no_grad():
+        for c in caches:
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True)
+    tokens, full, next_pos = torch.arange(10)[:, None] + 5, mask, pos[:, -1:] + 1
+    for step in range(5):
+        if step in (2, 4):                                  # rows leave the batch: 10 -> 8 -> 3
+            keep = torch.arange(8 if step == 2 else 3)
+            for c in caches:
+                c.batch_select_indices(keep)
+            tokens, full, next_pos = tokens[keep], full[keep], next_pos[keep]
+        full = torch.cat([full, full.new_ones(len(tokens), 1)], dim=1)
+        a, b = plain.step(tokens, next_pos, full, caches[0]), mkl.step(tokens, next_pos, full, caches[1])
+        assert torch.equal(a, b)
+        assert mkl.rows == (10 if step < 2 else 8 if step < 4 else 0)
+        tokens, next_pos = a.argmax(-1, keepdim=True), next_pos + 1
+    assert all(p.mkl is None for p in mkl._projections())  # 3 rows: below MKL_MIN_ROWS, the copies dropped
+    fits = []
+    real = LD._Proj.fit
+    monkeypatch.setattr(LD._Proj, "fit", lambda self, rows: fits.append(rows) or real(self, rows))
+    s = GenSettings(max_new_tokens=8)
+    fast = generate_many(model, tok, chats, s, batch_size=10, return_ids=True)
+    assert 10 in fits
+    monkeypatch.setattr(LD, "MKL_MIN_ROWS", 10**6)
+    monkeypatch.setattr(G, "MKL_MIN_ROWS", 10**6)
+    fits.clear()
+    slow = generate_many(model, tok, chats, s, batch_size=10, return_ids=True)
+    assert not [r for r in fits if r] and [a["ids"] for a in fast] == [a["ids"] for a in slow]

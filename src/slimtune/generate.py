@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .config import EvalCfg, auto_precision
 from .data.render import IGNORE, render_chat, render_prompt
-from .lean_decode import LeanDecoder, can_pack, room_to_pack
+from .lean_decode import MKL_MIN_ROWS, LeanDecoder, can_pack, room_to_pack
 from .machine import bf16_supported
 from .methods import method_of, method_of_model
 from .train.precision import frozen_in
@@ -374,7 +374,7 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     # otherwise built inside _cast_once: under bf16 the lean step takes the weights cast once, no copy
     packed = _packed(net) if plain and _bf16(net) and can_pack(device) else None
     with nullcontext() if packed is not None else _cast_once(net):
-        lean = packed or (_lean(net, pack=False) if plain else None)
+        lean = packed or (_lean(net, pack=False, rows=len(prompts)) if plain else None)
         with torch.inference_mode():  # less per-operator work than no_grad (a tenth of a batch-1 step)
             return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean,
                           expand)
@@ -406,14 +406,17 @@ def _bf16(net) -> bool:
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
 
 
-def _lean(net, pack: bool = True):
+def _lean(net, pack: bool = True, rows: int = 0):
     """The lean decoding step for `net`, in the dtype its matmuls run in now (bf16 under bf16
     autocast; packed where `lean_decode.can_pack`), wrapped to run outside autocast (its weights are
-    cast once); None where it does not apply. `.packed`: it also runs the prefill."""
+    cast once); None where it does not apply. `.packed`: it also runs the prefill. rows: the batch
+    it decodes, for fp32 weights laid out for MKL's packed sgemm (where a copy fits in memory)."""
     if not LEAN:
         return None
     kind = next(net.parameters()).device.type
-    dec = LeanDecoder.build(net, torch.bfloat16 if _bf16(net) else next(net.parameters()).dtype, pack=pack)
+    dtype = torch.bfloat16 if _bf16(net) else next(net.parameters()).dtype
+    rows = rows if dtype == torch.float32 and rows >= MKL_MIN_ROWS and room_to_pack(net, nbytes=4) else 0
+    dec = LeanDecoder.build(net, dtype, pack=pack, rows=rows)
     if dec is None:
         return None
 

@@ -96,14 +96,40 @@ def can_pack(device: torch.device | str) -> bool:
     return _PACKS[kind]
 
 
-def room_to_pack(net, share: float = 0.5) -> bool:
-    """A packed bf16 copy of `net`'s weights (2 bytes a parameter) fits in `share` of the memory
-    still available: a model stored in bf16 would otherwise hold its weights twice while it
-    generates (an 8B model: 16 GB more). Unknown free memory (not Linux): assume it fits."""
+def room_to_pack(net, share: float = 0.5, nbytes: int = 2) -> bool:
+    """A packed copy of `net`'s weights (`nbytes` a parameter: 2 for bf16, 4 for MKL's fp32) fits
+    in `share` of the memory still available: a model stored in bf16 would otherwise hold its
+    weights twice while it generates (an 8B model: 16 GB more). Unknown free memory (not Linux):
+    assume it fits."""
     from .machine import available_memory
 
     free = available_memory()
-    return free is None or 2 * sum(p.numel() for p in net.parameters()) <= share * free
+    return free is None or nbytes * sum(p.numel() for p in net.parameters()) <= share * free
+
+
+MKL_MIN_ROWS = 8
+"""fp32 decoding of at least this many rows packs its weights for MKL (`can_mkl_pack`): 0.67x the
+matmul time at 8 rows, 0.8x at 24-64; none at 1 (bench/results/decode_step_mkl.json)."""
+_MKL: dict[str, bool] = {}
+
+
+def can_mkl_pack(device: torch.device | str) -> bool:
+    """MKL's packed fp32 sgemm works here (`torch.ops.mkl._mkl_linear`, what torch.compile's CPU
+    freezing uses for fp32 linears) and gives F.linear's output bit for bit (the same kernel with
+    the weight laid out once instead of at every call); probed once per process."""
+    kind = torch.device(device).type
+    if kind not in _MKL:
+        ok = False
+        if kind == "cpu" and torch.backends.mkl.is_available():
+            try:
+                g = torch.Generator().manual_seed(0)
+                w, b, x = (torch.randn(*s, generator=g) for s in ((40, 24), (40,), (9, 24)))
+                ok = torch.equal(torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 9), w, b, 9),
+                                 F.linear(x, w, b))
+            except (AttributeError, RuntimeError):
+                ok = False
+        _MKL[kind] = ok
+    return _MKL[kind]
 
 
 class _Proj:
@@ -125,9 +151,22 @@ class _Proj:
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
         self.b, self.post = b, post
 
+        self.mkl, self.rows = None, 0
+
+    def fit(self, rows: int):
+        """fp32: lay the weight out for MKL's packed sgemm at `rows` rows (its output is F.linear's
+        bit for bit; any other row count falls back to F.linear inside the call); 0: drop that copy."""
+        self.mkl = None                                  # the old copy goes before the new one is made
+        self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(self.w, rows) if rows else None
+        self.rows = rows
+
     def __call__(self, x: torch.Tensor):
-        y = (torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, self.post, [], "") if self.pack
-             else F.linear(x, self.w, self.b))
+        if self.pack:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, self.post, [], "")
+        elif self.mkl is not None:
+            y = torch.ops.mkl._mkl_linear(x, self.mkl, self.w, self.b, self.rows)
+        else:
+            y = F.linear(x, self.w, self.b)
         return y if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
 
     def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -215,15 +254,36 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, dtype, pack) for layer in body.layers[:cfg.num_hidden_layers]]
         self.turn = _half_turn(self.head_dim)
+        self.mkl, self.rows = False, 0   # mkl: fp32 weights laid out for MKL's packed sgemm at `rows` rows
+
+    def _projections(self) -> list[_Proj]:
+        return [self.head] + [p for lay in self.layers for p in vars(lay).values() if isinstance(p, _Proj)]
+
+    def fit(self, rows: int):
+        """An MKL decoder (`build(..., rows=)`): its weights laid out for `rows` rows (a one-token
+        step of that batch), or not at all below MKL_MIN_ROWS. `step` calls it when its batch
+        changes (finished rows cut): ~0.1 s for the embedded model against ~10 ms saved a step."""
+        rows = rows if rows >= MKL_MIN_ROWS else 0
+        if self.mkl and rows != self.rows:
+            for proj in self._projections():
+                proj.fit(rows)
+            self.rows = rows
 
     @classmethod
-    def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False) -> LeanDecoder | None:
+    def build(cls, net, dtype: torch.dtype = torch.float32, pack: bool = False, rows: int = 0) -> LeanDecoder | None:
         """A decoder for `net` (a transformers CausalLM, adapters merged or none), or None. pack
-        (bf16 only, where `can_pack`): the weights in oneDNN's packed layout (see `_Layer`)."""
+        (bf16 only, where `can_pack`): the weights in oneDNN's packed layout (see `_Layer`). rows
+        (fp32, where `can_mkl_pack`): a copy of the weights laid out for MKL's packed sgemm at
+        that batch size (`fit`; the same logits bit for bit, 0.8x the matmul time at batch 24-32)."""
         if not cls.covers(net, adapters=False):
             return None
-        pack = pack and dtype == torch.bfloat16 and can_pack(next(net.parameters()).device)
-        return cls(net, dtype, pack)
+        device = next(net.parameters()).device
+        pack = pack and dtype == torch.bfloat16 and can_pack(device)
+        dec = cls(net, dtype, pack)
+        if rows and dtype == torch.float32 and can_mkl_pack(device):
+            dec.mkl = True
+            dec.fit(rows)
+        return dec
 
     @staticmethod
     def covers(net, adapters: bool = True) -> bool:
@@ -288,6 +348,8 @@ class LeanDecoder:
         # key/value head's query heads passed as its G queries at batch 32); matmul outputs added to
         # the fp32 residual in place
         B, T = tokens.shape
+        if self.mkl and T == 1 and B != self.rows:
+            self.fit(B)
         D, nq, nkv, dt = self.head_dim, self.heads, self.kv_heads, self.dtype
         h = self.embed(tokens).float()                                   # (B, T, H) residual, fp32
         cos, sin = self.rotary(h, positions)                             # (B, T, D), fp32
