@@ -249,7 +249,7 @@ def test_a_shared_prompt_start_is_prefilled_once_with_the_same_answers(monkeypat
     s = GenSettings(max_new_tokens=12, autocast="bf16" if path == "packed_bf16" else "no")
     cuts = []
     real = G._prefill_prefix
-    monkeypatch.setattr(G, "_prefill_prefix", lambda *a: cuts.append(a[4]) or real(*a))
+    monkeypatch.setattr(G, "_prefill_prefix", lambda *a: cuts.append(a[2].shape[1]) or real(*a))
     shared = [a["ids"] for a in generate_many(model, tok, chats, s, batch_size=16, return_ids=True)]
     assert cuts == [min(common, min(map(len, prompts)) - 1)]
     monkeypatch.setattr(G, "SHARED_MIN", 10**9)
@@ -260,21 +260,19 @@ def test_a_shared_prompt_start_is_prefilled_once_with_the_same_answers(monkeypat
         assert shared == [generate_many(model, tok, [c], s, return_ids=True)[0]["ids"] for c in chats]
 
 
-def test_shared_prefix_length():
+def test_shared_prefix_length_and_layout(monkeypatch):
+    """The common start: at most the shortest prompt - 1 tokens, none below SHARED_MIN or for one
+    prompt; `_left_pad(start=P)` keeps it in columns [0, P) of every row, the padding after it."""
+    import slimtune.generate as G
     from slimtune.generate import _left_pad, _shared_prefix
 
-    def P(prompts, minimum=3):
-        import slimtune.generate as G
-        old, G.SHARED_MIN = G.SHARED_MIN, minimum
-        try:
-            ids, mask = _left_pad(prompts, 0, "cpu")
-            return _shared_prefix({"input_ids": ids}, mask)
-        finally:
-            G.SHARED_MIN = old
-
-    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 8, 2, 2]]) == 3
-    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 8]]) == 3                    # the shorter keeps its last token
-    assert P([[5, 6, 7, 8, 9], [5, 6, 7, 8]], minimum=4) == 0         # below the minimum
-    assert P([[5, 6, 7, 8, 9]]) == 0                                  # one row: nothing to share
-    assert P([[1, 6, 7, 8, 9], [5, 6, 7, 8, 9]]) == 0                 # differ at the first token
-    assert P([[0, 6, 7, 8], [0, 6, 7, 9, 9, 9]]) == 3                 # a pad-valued first token is still a token
+    monkeypatch.setattr(G, "SHARED_MIN", 3)
+    assert _shared_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 8, 2, 2]]) == 3
+    assert _shared_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 8]]) == 3      # the shorter keeps its last token
+    assert _shared_prefix([[5, 6, 7, 8, 9]]) == 0                    # one row: nothing to share
+    assert _shared_prefix([[1, 6, 7, 8, 9], [5, 6, 7, 8, 9]]) == 0   # differ at the first token
+    monkeypatch.setattr(G, "SHARED_MIN", 4)
+    assert _shared_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 8]]) == 0      # below the minimum
+    ids, mask = _left_pad([[5, 6, 7, 8, 9], [5, 6, 7, 1]], 0, "cpu", start=3)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 1]] and mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]
+    assert ((mask.cumsum(-1) - 1).clamp(min=0)[1]).tolist() == [0, 1, 2, 2, 3]   # positions of real tokens only

@@ -131,9 +131,15 @@ def test_lean_prefill_equals_the_models_forward(tok):
                     reason="no packed bf16 matmul (oneDNN bf16) on this CPU")
 @pytest.mark.parametrize("name", ["llama", "qwen2_bias"])
 def test_packed_bf16_decoder_equals_the_plain_bf16_one(tok, name, monkeypatch):
-    """Packed weights (q/k/v and gate/up fused) compute the plain bf16 decoder's logits to bf16
-    rounding, prefill and steps; generate_many in bf16 uses it and gives the same greedy ids."""
+    """Packed weights (q/k/v fused) compute the plain bf16 decoder's logits to bf16 rounding, prefill
+    and steps (norm weights other than ones); generate_many in bf16 uses it and gives the same greedy
+    ids."""
     model = models(tok)[name]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # norm weights other than ones, so a misplaced norm weight would show
+        for mod in model.modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.copy_(0.5 + torch.rand(mod.weight.shape, generator=g))
     plain, packed = LeanDecoder.build(model, torch.bfloat16), LeanDecoder.build(model, torch.bfloat16, pack=True)
     assert packed.pack and not plain.pack
     prompts = [render_prompt(c, tok) for c in CHATS[:4]]

@@ -12,7 +12,9 @@ autocast the weights are cast to bf16 once per batch, not at every call (`_cast_
 prefill, Llama / Mistral / Qwen2 models (adapters merged or none) decode through
 `lean_decode.LeanDecoder`, the same step with fewer operators (in bf16 on a CPU with packed weights,
 the prefill too); anything else through the model's forward. Equal prompts in a batch (GRPO's G
-samples of one prompt) are prefilled once and their cache copied to each row. Position
+samples of one prompt) are prefilled once and their cache copied to each row; so is the prompts'
+common start (the template's system turn: `_shared_prefix`), kept in the first columns of every row
+with each row's padding after it (`_left_pad(start=)`). Position
 ids count real tokens only and padding is masked, so each row computes what it would alone (a test pins batched == unbatched token ids,
 also on a model with learned absolute positions, where a missing offset would show).
 
@@ -239,11 +241,14 @@ def _net(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T), padding on the left."""
+def _left_pad(prompts: list[list[int]], pad: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), padding on the left; start > 0: the prompts' first
+    `start` tokens (the same in every row) stay in columns [0, start) and the padding follows them,
+    so the common start sits in the same columns of every row (`_prefill_prefix`). Position ids
+    count real tokens only, so a row computes what it would alone either way."""
     T = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids = torch.tensor([p[:start] + [pad] * (T - len(p)) + p[start:] for p in prompts], device=device)
+    mask = torch.tensor([[1] * start + [0] * (T - len(p)) + [1] * (len(p) - start) for p in prompts], device=device)
     return ids, mask
 
 
@@ -362,7 +367,9 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     expand = [first.setdefault(tuple(p), len(first)) for p in prompts] if plain else None
     if expand is not None and len(first) == len(prompts):
         expand = None
-    ids, mask = _left_pad([list(p) for p in first] if expand else prompts, pad, device)  # (B, T)
+    rows = [list(p) for p in first] if expand else prompts
+    cut = _shared_prefix(rows) if plain else 0   # the prompts' common start, prefilled once
+    ids, mask = _left_pad(rows, pad, device, start=cut)  # (B, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)     # real tokens count from 0, as they would alone
     inputs = {"input_ids": ids}
     if virtual is not None:
@@ -377,7 +384,7 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
         lean = packed or (_lean(net, pack=False, rows=len(prompts)) if plain else None)
         with torch.inference_mode():  # less per-operator work than no_grad (a tenth of a batch-1 step)
             return _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean,
-                          expand)
+                          expand, cut)
 
 
 def cache_kwarg(net) -> str:
@@ -477,16 +484,15 @@ def _packed(net):
 
 
 def _steps(net, inputs, cache, mask, full, pos, prompts, s, seeds, stops, pad, names, on_token, lean=None,
-           expand=None):
+           expand=None, cut: int = 0):
     """_decode's prefill and decoding steps (see there); lean: the decoding step to use after the
     prefill instead of the model's forward (`_lean`); expand: per prompt, its row of the prefill
     (equal prompts prefilled once, then each row gets its own copy of the cache)."""
     device = mask.device
     mix = {"adapter_names": names} if names is not None else {}
     ckw = cache_kwarg(net)
-    cut = _shared_prefix(inputs, mask) if not mix else 0
     if cut:  # the prompts' common start (the template's system turn) computed once, its KV copied to each row
-        _prefill_prefix(net, lean, inputs["input_ids"], mask, cut, cache, ckw)
+        _prefill_prefix(net, lean, inputs["input_ids"][:1, :cut], inputs["input_ids"].shape[0], cache, ckw)
         inputs = {"input_ids": inputs["input_ids"][:, cut:]}
     if getattr(lean, "packed", False):
         logits = lean(inputs["input_ids"], pos[:, cut:], mask, cache)       # (B, V)
@@ -543,49 +549,33 @@ SHARED_MIN = 8
 """Prompts whose common start is at least this many tokens prefill it once (`_shared_prefix`)."""
 
 
-def _shared_prefix(inputs: dict, mask: torch.Tensor) -> int:
-    """How many of the left-padded batch's first columns to prefill once: P, the length of the
-    prompts' common start (SmolLM2's template puts the same 24-token system turn before every user
-    turn), when >= SHARED_MIN and the batch has 2+ rows; else 0. The longest row (no padding) has
-    its start in columns [0, P), so those are the ones computed once; a shorter row's start reaches
-    past P and that part is prefilled with the rest. At most min(length) - 1: every row's last
-    token is prefilled in the batch (its logits start the answer). Plain token prompts only."""
-    ids = inputs.get("input_ids")
-    if ids is None or len(inputs) > 1 or ids.shape[0] < 2 or ids.shape != mask.shape:  # prefix tuning: virtual columns
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens every prompt shares, to prefill once: P >= SHARED_MIN (SmolLM2's template
+    puts the same 24-token system turn before every user turn), at most the shortest prompt's length
+    - 1 (every row's last token is prefilled with its batch: its logits start the answer); 0 for
+    one prompt or a shorter common start."""
+    if len(prompts) < 2:
         return 0
-    lens = mask.sum(-1)
-    T, shortest = ids.shape[1], int(lens.min())
-    starts = T - lens                                          # (B,) first real column of each row
-    at = starts[:, None] + torch.arange(shortest, device=ids.device)[None, :]
-    own = ids.gather(1, at)                                    # (B, shortest): each row's first tokens
-    same = (own == own[:1]).all(0).long()                      # (shortest,)
-    P = int(same.cumprod(0).sum())
+    shortest = min(map(len, prompts))
+    P = next((i for i in range(shortest) if any(p[i] != prompts[0][i] for p in prompts)), shortest)
     P = min(P, shortest - 1)
-    return P if P >= SHARED_MIN and P < T else 0
+    return P if P >= SHARED_MIN else 0
 
 
 @torch.no_grad()
-def _prefill_prefix(net, lean, ids: torch.Tensor, mask: torch.Tensor, P: int, cache, ckw: str):
-    """Fill columns [0, P) of every row's cache from one forward of the common start: row b's
-    prompt starts at column s_b (its padding before), so its columns [s_b, P) get the start's
-    positions [0, P - s_b) and its padding columns zeros (masked; zeros keep the attention finite)."""
-    lens = mask.sum(-1)
-    T = ids.shape[1]
-    longest = int(lens.argmax())
-    start = ids[longest:longest + 1, :P]                       # (1, P): the longest row has no padding
+def _prefill_prefix(net, lean, start: torch.Tensor, rows: int, cache, ckw: str):
+    """Fill columns [0, P) of the cache's `rows` rows from one forward of the common start (1, P)
+    (`_left_pad(..., start=P)` put it in those columns of every row)."""
+    P = start.shape[1]
     pc = _Cache(P)
-    ones = mask.new_ones(1, P)
-    pos = torch.arange(P, device=ids.device)[None]
+    ones = start.new_ones(1, P)
+    pos = torch.arange(P, device=start.device)[None]
     if getattr(lean, "packed", False):
         lean(start, pos, ones, pc)
     else:
         net(input_ids=start, attention_mask=ones, position_ids=pos, **{ckw: pc}, use_cache=True, logits_to_keep=1)
-    col = torch.arange(P, device=ids.device)[None, :] - (T - lens)[:, None]   # (B, P): position held by each column
-    pad = col < 0
-    col = col.clamp(min=0)
     for i, layer in enumerate(pc.layers):
-        k, v = (x[0][:, col].transpose(0, 1).masked_fill(pad[:, None, :, None], 0) for x in (layer.keys, layer.values))
-        cache.update(k, v, i)                                   # (B, H, P, D) each
+        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
 
 
 def _pick(logits: torch.Tensor, live: list[bool], seqs, procs, gens, pad: int) -> list[int]:

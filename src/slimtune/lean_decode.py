@@ -15,7 +15,8 @@ output classes. `LeanDecoder.step` computes what
   re-lays the weight out at every call: at batch 24 the packed matmul takes 0.7x the time of the
   plain one for a layer's projections and 0.35x for the 49k-row head (BENCHMARKS.md). Packed
   weights are bitwise the plain bf16 matmul's results. A packed decoder also runs the prefill
-  (`step` with T > 1: causal and padding masks), so generation needs no other bf16 copy, and
+  (`step` with T > 1: causal and padding masks; norms, projections and MLP on the real positions
+  only, the padding's rows left out), so generation needs no other bf16 copy, and
   trims operators (`step`, packed or not, fp32 included):
   RMSNorm in five operators (`F.rms_norm` is a dozen on the CPU), gate SiLU and the up-projection's
   product as oneDNN post-ops, and for one new token q and k rotated by one (B, D, D) matmul, attention
@@ -150,7 +151,6 @@ class _Proj:
                 [x if x is not None else w.new_zeros(w.shape[0]) for w, x in ws])
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
         self.b, self.post = b, post
-
         self.mkl, self.rows = None, 0
 
     def fit(self, rows: int):
@@ -359,8 +359,14 @@ class LeanDecoder:
             turn = torch.diag_embed(cos[:, 0]) + self.turn * sin[:, 0, None, :]
             bias = torch.zeros(attend.shape, dtype=dt, device=h.device).masked_fill_(~attend, float("-inf"))
         nqk = (nq + nkv) * D
+        real = mask[:, -T:].reshape(-1).bool()
+        sel = real.nonzero().squeeze(1) if T > 1 and not bool(real.all()) else None
+        if sel is not None:  # a padded prefill: the row-wise work (norms, projections, MLP) on real positions only
+            h = h.reshape(B * T, -1).index_select(0, sel)                # (N, H)
         for i, lay in enumerate(self.layers):
-            y = lay.joined(_normed(h, lay.rms1, dt))                     # (B, T, (nq + 2 nkv) D)
+            y = lay.joined(_normed(h, lay.rms1, dt))                     # (B, T, (nq + 2 nkv) D) or (N, ...)
+            if sel is not None:  # back to (B, T, .) for rotary, cache and attention; padding zeros (masked)
+                y = y.new_zeros(B * T, y.shape[-1]).index_copy_(0, sel, y).view(B, T, -1)
             if one:
                 qk = torch.bmm(y[:, 0, :nqk].view(B, nq + nkv, D).float(), turn).to(dt)   # (B, nq + nkv, D)
                 q, k = qk[:, :nq, None], qk[:, nq:, None]                              # (B, heads, 1, D)
@@ -372,9 +378,15 @@ class LeanDecoder:
                 keys, values = cache.update(qk[:, nq:], y[..., nqk:].reshape(B, T, nkv, D).transpose(1, 2), i)
                 out, _ = self.attention(lay.attn, qk[:, :nq], keys, values, attend, scaling=lay.scaling,
                                         is_causal=False)
-            h.add_(lay.o(out.reshape(B, T, nq * D)))                     # fp32 += bf16, no new tensor
+            out = out.reshape(B, T, nq * D)
+            if sel is not None:
+                out = out.reshape(B * T, -1).index_select(0, sel)
+            h.add_(lay.o(out))                                           # fp32 += bf16, no new tensor
             h.add_(lay.mlp(_normed(h, lay.rms2, dt)))
-        return self.head(_normed(h[:, -1], self.rms, dt))
+        # each row's last position is real (padding comes before a row's tokens of this block): in the
+        # compact rows, the end of each row's run
+        last = h[:, -1] if sel is None else h[real.view(B, T).sum(-1).cumsum(0) - 1]
+        return self.head(_normed(last, self.rms, dt))
 
 
 def _attend(mask: torch.Tensor, T: int) -> torch.Tensor:
