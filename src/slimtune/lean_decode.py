@@ -133,22 +133,45 @@ def can_mkl_pack(device: torch.device | str) -> bool:
     return _MKL[kind]
 
 
+class _Scratch:
+    """One buffer that a packed decoder's weights are cast into, one projection after another, before
+    oneDNN lays each out in its own copy: a fresh bf16 tensor per weight was a page-faulting
+    allocation of the whole model's size again on every build (GRPO builds one per step)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.buf, self.dtype = None, dtype
+
+    def filled(self, linears: list[nn.Linear]) -> torch.Tensor:
+        """The weights of `linears` stacked (rows, in), in the buffer's dtype."""
+        rows, cols = sum(m.weight.shape[0] for m in linears), linears[0].weight.shape[1]
+        if self.buf is None or self.buf.numel() < rows * cols:
+            self.buf = None
+            self.buf = torch.empty(rows * cols, dtype=self.dtype, device=linears[0].weight.device)
+        w, at = self.buf[:rows * cols].view(rows, cols), 0
+        for m in linears:
+            w[at:at + m.weight.shape[0]].copy_(m.weight.detach())
+            at += m.weight.shape[0]
+        return w
+
+
 class _Proj:
     """One or more projections of the same input as one matmul: `proj(x)` -> their outputs (a
     tuple when several; split=False: the one concatenated output). Packed (oneDNN's bf16 blocked
     layout) or F.linear on (weight, bias)."""
 
     def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, pack: bool, batch: int = 32, split: bool = True,
-                 post: str = "none"):
-        ws = [_weights(m, dtype) for m in linears]
-        self.sizes = [w.shape[0] for w, _ in ws] if split else [sum(w.shape[0] for w, _ in ws)]
+                 post: str = "none", scratch: _Scratch | None = None):
+        sizes = [m.weight.shape[0] for m in linears]
+        self.sizes = sizes if split else [sum(sizes)]
         self.pack = pack
-        if len(ws) == 1:
-            w, b = ws[0]
+        bs = [None if m.bias is None else m.bias.detach().to(dtype) for m in linears]
+        b = bs[0] if len(bs) == 1 else None if all(x is None for x in bs) else torch.cat(
+            [x if x is not None else linears[0].weight.new_zeros(n, dtype=dtype) for n, x in zip(sizes, bs)])
+        if pack and scratch is not None:  # cast into the shared buffer: the packed copy is the only new tensor
+            w = scratch.filled(linears)
         else:
-            w = torch.cat([w for w, _ in ws])
-            b = None if all(x is None for _, x in ws) else torch.cat(
-                [x if x is not None else w.new_zeros(w.shape[0]) for w, x in ws])
+            ws = [_weights(m, dtype)[0] for m in linears]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
         self.b, self.post = b, post
         self.mkl, self.rows = None, 0
@@ -209,18 +232,19 @@ class _Layer:
     `mlp(x)`: down(silu(gate(x)) * up(x)). (Methods, not lambdas on self: a cycle would keep the
     packed weights alive until the garbage collector runs, 0.3 GB more at GRPO's peak.)"""
 
-    def __init__(self, layer, dtype, pack):
+    def __init__(self, layer, dtype, pack, scratch: _Scratch | None = None):
         a, m = layer.self_attn, layer.mlp
         self.attn, self.scaling, self.pack = a, a.scaling, pack
         self.rms1, self.rms2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
-        self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack), _Proj([_plain(m.down_proj)], dtype, pack)
+        kw = {"scratch": scratch}
+        self.o, self.d = _Proj([_plain(a.o_proj)], dtype, pack, **kw), _Proj([_plain(m.down_proj)], dtype, pack, **kw)
         if pack:
-            self.q = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False)
-            self.gate = _Proj([_plain(m.gate_proj)], dtype, pack, post="swish")
+            self.q = _Proj([_plain(x) for x in (a.q_proj, a.k_proj, a.v_proj)], dtype, pack, split=False, **kw)
+            self.gate = _Proj([_plain(m.gate_proj)], dtype, pack, post="swish", **kw)
         else:
             self.q, self.k, self.v = (_Proj([_plain(x)], dtype, pack) for x in (a.q_proj, a.k_proj, a.v_proj))
             self.gate = _Proj([_plain(m.gate_proj)], dtype, pack)
-        self.up = _Proj([_plain(m.up_proj)], dtype, pack)
+        self.up = _Proj([_plain(m.up_proj)], dtype, pack, **kw)
 
     def joined(self, x):
         return self.q(x) if self.pack else torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
@@ -248,11 +272,12 @@ class LeanDecoder:
         cfg, body = net.config, net.model
         self.dtype, self.pack, self.attention, self.rope = dtype, pack, sdpa_attention_forward, _rope_of(net)
         self.embed, self.rotary = body.embed_tokens, body.rotary_emb
-        self.head = _Proj([_plain(net.lm_head)], dtype, pack)
+        scratch = _Scratch(dtype) if pack else None     # the head first: the largest, so one allocation
+        self.head = _Proj([_plain(net.lm_head)], dtype, pack, scratch=scratch)
         self.rms = _rms(body.norm)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers = [_Layer(layer, dtype, pack) for layer in body.layers[:cfg.num_hidden_layers]]
+        self.layers = [_Layer(layer, dtype, pack, scratch) for layer in body.layers[:cfg.num_hidden_layers]]
         self.turn = _half_turn(self.head_dim)
         self.mkl, self.rows = False, 0   # mkl: fp32 weights laid out for MKL's packed sgemm at `rows` rows
 
