@@ -276,3 +276,31 @@ def test_shared_prefix_length_and_layout(monkeypatch):
     ids, mask = _left_pad([[5, 6, 7, 8, 9], [5, 6, 7, 1]], 0, "cpu", start=3)
     assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 1]] and mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]
     assert ((mask.cumsum(-1) - 1).clamp(min=0)[1]).tolist() == [0, 1, 2, 2, 3]   # positions of real tokens only
+
+
+def test_sliding_window_models_keep_plain_left_padding(monkeypatch):
+    """A model with a sliding window in use answers without the common-start layout (transformers
+    counts the window in cache columns, which the padding after the start would stretch); one
+    without a window in use (Qwen2's default) takes it."""
+    import slimtune.generate as G
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tiny import make_qwen
+
+    tok = make_tokenizer("chatml")
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    windowed, qwen = MistralForCausalLM(cfg).eval(), make_qwen(tok)
+    assert G._windowed(windowed) and not G._windowed(qwen) and not G._windowed(make_model(tok))
+    chats = [[{"role": "system", "content": SYSTEM}, *c] for c in CHATS]
+    cuts = []
+    real = G._prefill_prefix
+    monkeypatch.setattr(G, "_prefill_prefix", lambda *a: cuts.append(a[2].shape[1]) or real(*a))
+    s = GenSettings(max_new_tokens=4)
+    got = [a["ids"] for a in generate_many(windowed, tok, chats, s, batch_size=8, return_ids=True)]
+    assert not cuts
+    assert got == [generate_many(windowed, tok, [c], s, return_ids=True)[0]["ids"] for c in chats]
+    generate_many(qwen, tok, chats, s, batch_size=8)
+    assert cuts

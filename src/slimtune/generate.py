@@ -368,7 +368,7 @@ def _decode(net, prompts: list[list[int]], s: GenSettings, seeds: list[int], sto
     if expand is not None and len(first) == len(prompts):
         expand = None
     rows = [list(p) for p in first] if expand else prompts
-    cut = _shared_prefix(rows) if plain else 0   # the prompts' common start, prefilled once
+    cut = _shared_prefix(rows) if plain and not _windowed(net) else 0   # the prompts' common start, prefilled once
     ids, mask = _left_pad(rows, pad, device, start=cut)  # (B, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)     # real tokens count from 0, as they would alone
     inputs = {"input_ids": ids}
@@ -560,6 +560,18 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
     P = next((i for i in range(shortest) if any(p[i] != prompts[0][i] for p in prompts)), shortest)
     P = min(P, shortest - 1)
     return P if P >= SHARED_MIN else 0
+
+
+def _windowed(net) -> bool:
+    """Some of `net`'s layers attend within a sliding window. Transformers measures the window in
+    cache columns, so padding between a row's common start and the rest of its prompt
+    (`_left_pad(start=)`) would push the start out of the window early; such models keep plain
+    left padding."""
+    cfg = getattr(net, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if cfg is None or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return cfg is not None
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
 
 
 @torch.no_grad()
