@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -435,7 +436,8 @@ def _lean(net, pack: bool = True, rows: int = 0):
 
 
 _KEPT: dict | None = None
-"""Packed decoders kept for reuse inside `keep_decoders` (None outside): id(net) -> (weights key, step)."""
+"""Packed decoders kept for reuse inside `keep_decoders` (None outside): id(net) -> (a weak
+reference to net, weights key, step)."""
 
 
 @contextmanager
@@ -474,12 +476,12 @@ def _packed(net):
     if _KEPT is None:
         return _lean(net) if room_to_pack(net) else None
     key, kept = _weights_key(net), _KEPT.get(id(net))
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    if kept is not None and kept[0]() is net and kept[1] == key:
+        return kept[2]
     _KEPT.pop(id(net), None)                      # its memory back before the new copy is made
     step = _lean(net) if room_to_pack(net) else None
     if step is not None:
-        _KEPT[id(net)] = (key, step)
+        _KEPT[id(net)] = (weakref.ref(net), key, step)
     return step
 
 

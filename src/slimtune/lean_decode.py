@@ -22,7 +22,7 @@ output classes. `LeanDecoder.step` computes what
   product as oneDNN post-ops, and for one new token q and k rotated by one (B, D, D) matmul, attention
   through SDPA's grouped-query path, the padding mask made additive once per step; logits returned
   in the step's dtype (no float copy of a (B, 49k) row per step). Generation runs in inference mode
-  (`generate._decode`). bf16 packed, batch 1: 37 -> 26 ms a step, batch 32: ~43 ms (BENCHMARKS.md).
+  (`generate._decode`). bf16 packed, batch 1: 37 -> 24 ms a step, batch 32: ~43 ms (BENCHMARKS.md).
   (Fusing q/k/v in fp32 gave no measurable gain at batch 1, so fp32 keeps transformers' layout.)
 
 `LeanDecoder.build(net, dtype)` returns None for anything it does not cover: a model type outside
