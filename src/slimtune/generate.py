@@ -570,9 +570,11 @@ def _windowed(net) -> bool:
     (`_left_pad(start=)`) would push the start out of the window early; such models keep plain
     left padding."""
     cfg = getattr(net, "config", None)
+    if cfg is None:
+        return False
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if cfg is None or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        return cfg is not None
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return True
     return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
 
 

@@ -64,11 +64,6 @@ def _plain(m) -> nn.Linear | None:
     return None
 
 
-def _weights(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of a projection in `dtype` (no copy where it already is)."""
-    return linear.weight.detach().to(dtype), None if linear.bias is None else linear.bias.detach().to(dtype)
-
-
 _PACKS: dict[str, bool] = {}
 
 
@@ -169,8 +164,8 @@ class _Proj:
             [x if x is not None else linears[0].weight.new_zeros(n, dtype=dtype) for n, x in zip(sizes, bs)])
         if pack and scratch is not None:  # cast into the shared buffer: the packed copy is the only new tensor
             w = scratch.filled(linears)
-        else:
-            ws = [_weights(m, dtype)[0] for m in linears]
+        else:  # in `dtype`, no copy where a single weight already is
+            ws = [m.weight.detach().to(dtype) for m in linears]
             w = ws[0] if len(ws) == 1 else torch.cat(ws)
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
         self.b, self.post = b, post
@@ -384,10 +379,12 @@ class LeanDecoder:
             turn = torch.diag_embed(cos[:, 0]) + self.turn * sin[:, 0, None, :]
             bias = torch.zeros(attend.shape, dtype=dt, device=h.device).masked_fill_(~attend, float("-inf"))
         nqk = (nq + nkv) * D
-        real = mask[:, -T:].reshape(-1).bool()
-        sel = real.nonzero().squeeze(1) if T > 1 and not bool(real.all()) else None
-        if sel is not None:  # a padded prefill: the row-wise work (norms, projections, MLP) on real positions only
-            h = h.reshape(B * T, -1).index_select(0, sel)                # (N, H)
+        sel = None
+        if T > 1:  # a padded prefill: the row-wise work (norms, projections, MLP) on real positions only
+            real = mask[:, -T:].reshape(-1).bool()
+            if not bool(real.all()):
+                sel = real.nonzero().squeeze(1)
+                h = h.reshape(B * T, -1).index_select(0, sel)            # (N, H)
         for i, lay in enumerate(self.layers):
             y = lay.joined(_normed(h, lay.rms1, dt))                     # (B, T, (nq + 2 nkv) D) or (N, ...)
             if sel is not None:  # back to (B, T, .) for rotary, cache and attention; padding zeros (masked)
